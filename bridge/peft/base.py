@@ -1,0 +1,100 @@
+"""PEFT: the base class of adapter transforms (freeze, walk, save only what was trained)."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from torch import nn
+
+from bridge.peft.walk import map_modules
+
+__all__ = ["PEFT"]
+
+
+def _chunks(model) -> list[nn.Module]:
+    if isinstance(model, nn.Module):
+        return [model]
+    if isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model):
+        return list(model)
+    raise TypeError(f"expected an nn.Module or a list of model chunks, got {type(model).__name__}")
+
+
+class PEFT(ABC):
+    """Apply ``transform`` to every module of a model (or list of model chunks).
+
+    Call the instance on a model: it freezes the base, walks the modules, and returns the model.
+    With ``training=False`` the adapters are frozen too (inference).
+    """
+
+    def __post_init__(self) -> None:
+        self.params_to_save: set[str] = set()
+
+    @abstractmethod
+    def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
+        """Return ``module`` unchanged or its replacement (e.g. a LoRA wrapper)."""
+
+    def __call__(self, model, training: bool = True):
+        chunks = _chunks(model)
+        self.freeze_model(model, training=training)
+        for chunk in chunks:
+            inner = getattr(chunk, "module", None)
+            target = inner if isinstance(inner, nn.Module) and hasattr(chunk, "ddp_config") else chunk
+            map_modules(target, self.transform)
+        if not training:
+            self.freeze_model(model, training=training)
+        return model
+
+    def freeze_model(self, model, training: bool = True) -> None:
+        """requires_grad False on every parameter; train() or eval() per ``training``."""
+        for chunk in _chunks(model):
+            for p in chunk.parameters():
+                p.requires_grad_(False)
+            chunk.train(training)
+
+    def set_params_to_save(self, model) -> None:
+        """Record the trainable parameters' names (and adapter buffers) for adapter-only saves."""
+        names: set[str] = set()
+        for chunk in _chunks(model):
+            names |= {n for n, p in chunk.named_parameters() if p.requires_grad}
+            names |= {n for n, _ in chunk.named_buffers() if ".adapter." in n or n.startswith("adapter.")}
+        self.params_to_save = names
+
+    def adapter_key_filter(self, key) -> bool:
+        """Whether a state-dict key belongs to the adapter checkpoint."""
+        if isinstance(key, tuple):
+            key = key[1] if len(key) > 1 else key[0]
+        key = str(key)
+        return key in self.params_to_save or ".adapter." in key or key.startswith("adapter.") \
+            or key.endswith(".adapters")
+
+    # ---- switching adapters ----------------------------------------------------------------
+    @staticmethod
+    def _adapter_modules(model) -> Iterator[nn.Module]:
+        for chunk in _chunks(model):
+            for m in chunk.modules():
+                if hasattr(m, "enable_adapter_layers") and hasattr(m, "disable_adapter_layers"):
+                    yield m
+
+    def enable_adapter_layers(self, model) -> None:
+        for m in self._adapter_modules(model):
+            m.enable_adapter_layers()
+
+    def disable_adapter_layers(self, model) -> None:
+        for m in self._adapter_modules(model):
+            m.disable_adapter_layers()
+
+    @contextlib.contextmanager
+    def disable_adapter(self, model):
+        """Run the base model alone inside the block; each adapter's state is restored after,
+        also when the block raises."""
+        modules = list(self._adapter_modules(model))
+        states = [getattr(m, "_adapter_enabled", True) for m in modules]
+        for m in modules:
+            m.disable_adapter_layers()
+        try:
+            yield model
+        finally:
+            for m, on in zip(modules, states):
+                (m.enable_adapter_layers if on else m.disable_adapter_layers)()

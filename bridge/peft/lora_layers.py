@@ -1,0 +1,142 @@
+"""LoRA layers: ``LoRALinear`` (an AdapterWrapper over a Megatron or torch linear) and
+``LinearAdapter`` (LoRA folded into a plain ``nn.Linear``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.kernels.backend import resolve_backend, validate_backend_name
+from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.parallel_linear_adapter import check_adapter_hparams, get_init_fn
+
+__all__ = ["LinearAdapter", "LoRALinear", "patch_linear_module"]
+
+
+class LoRALinear(AdapterWrapper):
+    """base(x) + adapter(layernorm_output): LoRA beside a Megatron or torch linear.
+
+    Returns what the base returns, less the layernorm output: ``(out, bias)`` (the bias passed
+    through for Megatron's bias-dropout-add) or a bare tensor for a bare-tensor base. When the
+    backend resolves to a fused kernel (``kernel_backend`` or ``BRIDGE_KERNEL_BACKEND``), the base
+    GEMM and the adapter run as one op; otherwise the eager module path runs.
+    """
+
+    def __init__(self, to_wrap: nn.Module, adapter: nn.Module, kernel_backend: str = "auto"):
+        super().__init__(to_wrap, adapter)
+        self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self._adapter_enabled:
+            from bridge.peft.fused_forward import fused_lora_forward
+
+            fused = fused_lora_forward(self, x, args, kwargs)
+            if fused is not None:
+                return fused
+        linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
+        if not self._adapter_enabled:
+            return self.wrap_output(linear_output, bias)
+        adapter_output = self.adapter(layernorm_output.contiguous())
+        adapter_output = adapter_output.reshape(linear_output.shape)
+        return self.wrap_output(linear_output + adapter_output, bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The merged weight W + s·B@A (this rank's shard; detached), in W's dtype."""
+        w = self.to_wrap.weight
+        a = self.adapter.linear_in.weight.detach().float()
+        b = self.adapter.linear_out.weight.detach().float()
+        if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
+            raise RuntimeError(
+                f"merged weight of a tensor-parallel LoRA needs the gathered factors: W shard "
+                f"{tuple(w.shape)}, A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                "use bridge.peft.lora_merge for TP > 1"
+            )
+        return (w.detach().float() + self.adapter.scale * (b @ a)).to(w.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base bias."""
+        return getattr(self.to_wrap, "bias", None)
+
+
+class LinearAdapter(nn.Linear):
+    """LoRA folded into an ``nn.Linear``: y = x W^T + b + scale * B(A(dropout(x))).
+
+    The base weight and bias are copied from ``orig_linear`` and frozen; ``lora_a`` ([r, K]) and
+    ``lora_b`` ([N, r]) are the trainable factors. The fused kernel runs when ``kernel_backend``
+    resolves to one; otherwise the eager path below.
+    """
+
+    def __init__(
+        self,
+        orig_linear: nn.Linear,
+        dim: int = 8,
+        alpha: float = 32,
+        dropout: float = 0.0,
+        dropout_position: str = "pre",
+        lora_A_init_method: str = "xavier",  # noqa: N803  (Megatron-Bridge's name)
+        lora_B_init_method: str = "zero",  # noqa: N803
+        lora_dtype: torch.dtype | None = None,
+        kernel_backend: str = "auto",
+    ) -> None:
+        if not isinstance(orig_linear, nn.Linear):
+            raise TypeError(f"LinearAdapter wraps an nn.Linear, got {type(orig_linear).__name__}")
+        check_adapter_hparams(dim, alpha, dropout, dropout_position,
+                              (lora_A_init_method, lora_B_init_method))
+        w = orig_linear.weight
+        super().__init__(orig_linear.in_features, orig_linear.out_features,
+                         bias=orig_linear.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.weight.copy_(w)
+            if orig_linear.bias is not None:
+                self.bias.copy_(orig_linear.bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._init_adapter(dim, alpha, dropout, dropout_position, lora_A_init_method,
+                           lora_B_init_method, lora_dtype)
+        self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
+
+    def _init_adapter(self, dim, alpha, dropout, dropout_position, a_init, b_init, lora_dtype):
+        dtype = lora_dtype or self.weight.dtype
+        device = self.weight.device
+        self.dim, self.alpha = dim, alpha
+        self.scale = alpha / dim
+        self.lora_a = nn.Linear(self.in_features, dim, bias=False, dtype=dtype, device=device)
+        self.lora_b = nn.Linear(dim, self.out_features, bias=False, dtype=dtype, device=device)
+        with torch.no_grad():
+            get_init_fn(a_init)(self.lora_a.weight)
+            get_init_fn(b_init)(self.lora_b.weight)
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_position = dropout_position
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        same_dtype = self.lora_a.weight.dtype == self.weight.dtype == x.dtype
+        choice = resolve_backend(
+            self.kernel_backend, "lora_linear", device=x.device, dtype=x.dtype,
+            constraints=[(not self.weight.requires_grad,
+                          "base weight requires grad (the fused path is for a frozen base)"),
+                         (same_dtype, "lora_dtype differs from the base dtype")],
+        )
+        if choice.name != "eager":
+            from bridge.kernels.lora_linear import lora_linear
+
+            return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight,
+                               scale=self.scale, dropout=self.dropout_p,
+                               dropout_position=self.dropout_position, training=self.training,
+                               backend=choice.name)
+        res = F.linear(x, self.weight, self.bias)
+        if self.dropout_position == "pre":
+            x = self.dropout(x)
+        lora_res = self.lora_b(self.lora_a(x.to(self.lora_a.weight.dtype)))
+        if self.dropout_position == "post":
+            lora_res = self.dropout(lora_res)
+        return res + (lora_res * self.scale).to(res.dtype)
+
+
+def patch_linear_module(orig_linear: nn.Linear, **kwargs) -> LinearAdapter:
+    """Return a ``LinearAdapter`` that replaces ``orig_linear`` (Megatron-Bridge's helper name)."""
+    return LinearAdapter(orig_linear, **kwargs)
