@@ -51,13 +51,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT: list[tuple[bool, str]] = []  # filled once; a plain list traces under dynamo
+
+
 def _triton_import() -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-    return True, ""
+    if not _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_IMPORT.append((False, f"triton is not importable ({type(exc).__name__}: {exc})"))
+        else:
+            _TRITON_IMPORT.append((True, ""))
+    return _TRITON_IMPORT[0]
 
 
 def _gpu_probe(device: torch.device) -> tuple[bool, str]:

@@ -1,0 +1,318 @@
+"""The Triton fused LoRA linear under the CPU interpreter, against the fp64 reference.
+
+Values and every gradient are compared with ``lora_linear_ref`` in fp64, fed the keep mask the
+kernels draw (``dropout_keep_mask``), by relative error ||out - ref|| / ||ref||. Shapes stay tiny
+(the interpreter runs each tile op in Python) and pick the boundaries: M = 1, K and N that are not
+multiples of the 64-wide interpreter tiles, ranks below, at and above the 16/32/64 buckets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import pytest
+import torch
+from bridge.kernels import backend as backend_mod
+from bridge.kernels import lora_linear, lora_linear_ref
+from bridge.kernels._triton_common import HAS_TRITON
+from bridge.kernels.backend import BackendUnavailableError
+from bridge.kernels.philox import dropout_keep_mask
+
+# `bridge.kernels.lora_linear` the attribute is the function; the module is needed here.
+ll = importlib.import_module("bridge.kernels.lora_linear")
+
+
+def _interpreted() -> bool:
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(ll._lora_linear_fwd_kernel, InterpretedFunction)
+
+
+pytestmark = pytest.mark.skipif(
+    not _interpreted(),
+    reason="needs triton with TRITON_INTERPRET=1 set before triton was imported "
+    "(tests/conftest.py sets it; the kernels run on CPU tensors only in the interpreter)",
+)
+
+# Relative-error tolerance per dtype: about 1 ulp of the storage type (bf16 2^-7, fp16 2^-10;
+# outputs are rounded once, to nearest, from fp32 accumulators), fp32 far above its rounding.
+TOLS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SEED = 1234
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(lead, k, n, r, dtype, *, bias=True, gen_seed=0):
+    """Fresh random inputs at the scale of a real layer (never zeros)."""
+    g = torch.Generator().manual_seed(gen_seed)
+    x = torch.randn(*lead, k, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype).requires_grad_() if bias else None
+    a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype).requires_grad_()
+    bb = torch.randn(n, r, generator=g).to(dtype).requires_grad_()
+    return x, w, b, a, bb
+
+
+def _grads(*ts):
+    return [None if t is None else t.grad for t in ts]
+
+
+def _check_against_ref(x, w, b, a, bb, *, scale, p, pos, skip_bias_add=False, seed=SEED,
+                       dy=None):
+    """Run the Triton path and the fp64 reference with the kernels' mask; compare all."""
+    y = lora_linear(x, w, b, a, bb, scale=scale, dropout=p, dropout_position=pos,
+                    skip_bias_add=skip_bias_add, seed=seed, backend="triton")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype) \
+        if dy is None else dy
+    y.backward(dy)
+    mask = None
+    if p > 0:
+        shape = x.shape if pos == "pre" else y.shape
+        mask = dropout_keep_mask(seed, shape, p, "cpu")
+    r64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, b, a, bb)]
+    y_ref = lora_linear_ref(r64[0], w.double(), r64[1], r64[2], r64[3], scale=scale, dropout=p,
+                            dropout_mask=mask, dropout_position=pos, skip_bias_add=skip_bias_add)
+    y_ref.backward(dy.double())
+    tol = TOLS[x.dtype]
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    errs = {"y": _rel(y, y_ref)}
+    for name, t, t_ref in zip(("dx", "dbias", "dA", "dB"), (x, b, a, bb), r64, strict=True):
+        if t is None:
+            continue
+        if skip_bias_add and name == "dbias":
+            assert t.grad is None  # the bias is not part of y
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        errs[name] = _rel(t.grad, t_ref.grad)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+
+
+# (dtype, leading dims, K, N, r, p, position, bias, skip_bias_add): a representative cross
+# product. K=72/N=40 are not multiples of the 64-wide interpreter tiles; r = 1/8 pad to 16,
+# 33 to 64 (masked rank lanes), 64 takes two 32-wide GEMM rank steps, 100 two rank tiles.
+CASES = [
+    (torch.float32, (13,), 72, 40, 8, 0.0, "pre", True, False),
+    (torch.float32, (1,), 72, 40, 1, 0.1, "pre", True, False),
+    (torch.float32, (4, 5), 40, 96, 64, 0.1, "post", True, False),
+    (torch.float32, (20,), 40, 24, 100, 0.1, "pre", False, False),
+    (torch.float16, (2, 7), 64, 96, 16, 0.1, "post", True, False),
+    (torch.float16, (48,), 96, 40, 8, 0.1, "pre", False, False),
+    (torch.float16, (1,), 40, 72, 1, 0.0, "pre", True, True),
+    (torch.bfloat16, (33,), 72, 40, 33, 0.1, "pre", False, False),
+    (torch.bfloat16, (5,), 40, 72, 64, 0.0, "pre", True, True),
+    (torch.bfloat16, (2, 3), 72, 40, 1, 0.1, "post", True, False),
+    (torch.bfloat16, (17,), 72, 40, 16, 0.1, "pre", True, True),
+]
+
+
+@pytest.mark.parametrize("dtype,lead,k,n,r,p,pos,bias,skip", CASES,
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple)
+                         else "x".join(map(str, v)))
+def test_matches_fp64_reference(dtype, lead, k, n, r, p, pos, bias, skip):
+    x, w, b, a, bb = _inputs(lead, k, n, r, dtype, bias=bias)
+    _check_against_ref(x, w, b, a, bb, scale=2.0 / r, p=p, pos=pos, skip_bias_add=skip)
+
+
+@pytest.mark.parametrize("pos", ["pre", "post"])
+def test_non_contiguous_x(pos):
+    # x as a transposed view (strides (1, M)) and as a strided slice of the last dim
+    x, w, b, a, bb = _inputs((24,), 40, 24, 8, torch.float32)
+    xt = torch.randn(40, 24).t().requires_grad_()
+    assert not xt.is_contiguous()
+    _check_against_ref(xt, w, b, a, bb, scale=0.5, p=0.1, pos=pos)
+    xs_base = torch.randn(2, 6, 80)
+    xs = xs_base[..., ::2].requires_grad_()
+    a.grad = bb.grad = b.grad = None
+    _check_against_ref(xs, w, b, a, bb, scale=0.5, p=0.1, pos=pos)
+
+
+def test_expanded_dy_matches_dense():
+    # y.sum().backward() hands the op a stride-0 dY; it must equal a dense ones dY bitwise
+    x, w, b, a, bb = _inputs((3, 5), 40, 24, 8, torch.float32)
+    y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, seed=3, backend="triton")
+    y.sum().backward()
+    expanded = _grads(x, b, a, bb)
+    for t in (x, b, a, bb):
+        t.grad = None
+    y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, seed=3, backend="triton")
+    y.backward(torch.ones_like(y))
+    for g1, g2 in zip(expanded, _grads(x, b, a, bb), strict=True):
+        assert torch.equal(g1, g2)
+
+
+def test_empty_batch():
+    x, w, b, a, bb = _inputs((0,), 40, 24, 8, torch.bfloat16)
+    y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, backend="triton")
+    assert y.shape == (0, 24) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.shape == (0, 40)
+    for t in (b, a, bb):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+@pytest.mark.parametrize("pos", ["pre", "post"])
+def test_same_seed_bitwise_new_seed_differs(pos):
+    x, w, b, a, bb = _inputs((9,), 40, 24, 8, torch.bfloat16)
+
+    def run(seed):
+        for t in (x, b, a, bb):
+            t.grad = None
+        y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.3, dropout_position=pos,
+                        seed=seed, backend="triton")
+        y.backward(torch.ones_like(y))
+        return [y.detach(), *_grads(x, b, a, bb)]
+
+    first, again, other = run(11), run(11), run(12)
+    assert all(torch.equal(u, v) for u, v in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_seed_drawn_from_torch_generator():
+    # seed=None: a fresh mask per call, reproducible through torch.manual_seed
+    x, w, b, a, bb = _inputs((9,), 40, 24, 8, torch.float32)
+    run = lambda: lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.3, backend="triton")
+    torch.manual_seed(5)
+    y1, y2 = run(), run()
+    torch.manual_seed(5)
+    y3 = run()
+    assert torch.equal(y1, y3) and not torch.equal(y1, y2)
+
+
+def test_eval_mode_ignores_dropout():
+    x, w, b, a, bb = _inputs((9,), 40, 24, 8, torch.float32)
+    y_eval = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.3, training=False,
+                         backend="triton")
+    y_nodrop = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.0, backend="triton")
+    assert torch.equal(y_eval, y_nodrop)
+
+
+def test_keep_rate_within_three_sigma():
+    p, n = 0.1, 1_000_000
+    keep = dropout_keep_mask(SEED, (1000, 1000), p, "cpu")
+    rate = keep.double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(rate - (1 - p)) < 3 * sigma, (rate, sigma)
+    # the mask is a function of the flat element index: any leading-dims view agrees
+    assert torch.equal(dropout_keep_mask(SEED, (2, 5, 1000), p, "cpu").reshape(10, 1000),
+                       keep[:10])
+    assert not torch.equal(dropout_keep_mask(SEED + 1, (10, 1000), p, "cpu"), keep[:10])
+
+
+def _saved_bytes(fn, params) -> int:
+    """Bytes of distinct storages autograd saves while running ``fn``, ``params`` excluded."""
+    skip = {t.untyped_storage().data_ptr() for t in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_bytes(dtype):
+    m, k, n, r = 48, 96, 64, 8
+    x, w, b, a, bb = _inputs((m,), k, n, r, dtype)
+    call = lambda backend: lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, seed=1,
+                                       backend=backend)
+    fused = _saved_bytes(lambda: call("triton"), (w, b, a, bb))
+    eager = _saved_bytes(lambda: call("eager"), (w, b, a, bb))
+    x_bytes, s_bytes = x.numel() * x.element_size(), m * r * 4
+    assert fused <= x_bytes + s_bytes + 64, (fused, x_bytes, s_bytes)
+    assert eager >= 1.8 * fused, (eager, fused)  # eager also keeps the mask and x~
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_opcheck(post):
+    x, w, b, a, bb = _inputs((2, 3), 24, 20, 4, torch.float32)
+    seed = torch.tensor([7])
+    fwd = torch.ops.bridge.lora_linear_fwd.default
+    torch.library.opcheck(fwd, (x, w, b, a, bb, seed, 2.0, 0.1, post))
+    torch.library.opcheck(fwd, (x, w, None, a, bb, None, 2.0, 0.0, post))
+    dy, s_mat = torch.randn(2, 3, 20), torch.randn(6, 4)
+    torch.library.opcheck(torch.ops.bridge.lora_linear_bwd.default,
+                          (dy, x.detach(), w, a.detach(), bb.detach(), s_mat, seed, 2.0, 0.1,
+                           post, True))
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b, a, bb = _inputs((2, 5), 40, 24, 8, torch.float32)
+
+    def f(x, w, b, a, bb):
+        return lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, seed=21, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    y = compiled(x, w, b, a, bb)
+    y.sum().backward()
+    got = [y.detach(), *_grads(x, b, a, bb)]
+    for t in (x, b, a, bb):
+        t.grad = None
+    y = f(x, w, b, a, bb)
+    y.sum().backward()
+    for u, v in zip(got, [y.detach(), *_grads(x, b, a, bb)], strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input and backend choice ----------------------------------------------------------
+
+
+def _small(dtype=torch.float32):
+    return _inputs((4,), 16, 8, 2, dtype)
+
+
+def test_bad_shapes_and_dtypes():
+    x, w, b, a, bb = _small()
+    with pytest.raises(ValueError, match="in_features disagree"):
+        lora_linear(x[:, :15], w, b, a, bb, scale=1.0, backend="triton")
+    with pytest.raises(ValueError, match=r"lora_b must have shape \[N, r\]"):
+        lora_linear(x, w, b, a, bb[:, :1], scale=1.0, backend="triton")
+    with pytest.raises(TypeError, match="share one dtype"):
+        lora_linear(x, w.half(), b, a, bb, scale=1.0, backend="triton")
+    with pytest.raises(ValueError, match="one device"):
+        lora_linear(x, w.to("meta"), b, a, bb, scale=1.0, backend="triton")
+    with pytest.raises(ValueError, match="dropout must be"):
+        lora_linear(x, w, b, a, bb, scale=1.0, dropout=1.0, backend="triton")
+
+
+def test_trainable_base_weight_falls_back(caplog):
+    x, w, b, a, bb = _small()
+    w.requires_grad_()
+    with pytest.raises(BackendUnavailableError, match="base weight requires grad"):
+        lora_linear(x, w, b, a, bb, scale=1.0, backend="triton")
+    backend_mod._log_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="bridge.kernels"):
+        y = lora_linear(x, w, b, a, bb, scale=1.0, backend="auto")
+        lora_linear(x, w, b, a, bb, scale=1.0, backend="auto")
+    logged = [r for r in caplog.records if "base weight requires grad" in r.getMessage()]
+    assert len(logged) == 1  # once per (op, reason)
+    y.sum().backward()
+    assert w.grad is not None  # the eager path trains the base weight
+
+
+def test_triton_unavailable_without_interpreter(monkeypatch, caplog):
+    # with TRITON_INTERPRET=0 and no GPU, an explicit 'triton' raises and 'auto' runs eager
+    x, w, b, a, bb = _small()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="no GPU"):
+        lora_linear(x, w, b, a, bb, scale=1.0, backend="triton")
+    backend_mod._log_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="bridge.kernels"):
+        y = lora_linear(x, w, b, a, bb, scale=1.0)
+    assert any("eager backend" in r.getMessage() and "no GPU" in r.getMessage()
+               for r in caplog.records)
+    ref = lora_linear_ref(x, w, b, a, bb, scale=1.0)
+    assert torch.equal(y, ref)
