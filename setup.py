@@ -88,8 +88,8 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc"), *_extra_include_dirs()],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas", "-v", "-lineinfo"],
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas", "-v", "-lineinfo"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}

@@ -1,0 +1,169 @@
+"""bridge._C: built wherever it can be, every op's schema registered, fakes propagating shapes,
+and (GPU only) the CUDA row pass against the Triton row pass and the fp64 reference."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from bridge.kernels import _ext
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OPS = ("philox_uniform", "norm_lora_row_fwd_cuda", "norm_lora_row_bwd_cuda")
+CUDA_OPS = ("norm_lora_row_fwd", "norm_lora_row_bwd")  # _ext.has_op names (without _cuda)
+
+
+def _nvcc() -> str | None:
+    for home in [os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+                 *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+BUILDABLE = torch.version.cuda is not None and _nvcc() is not None
+needs_ext = pytest.mark.skipif(not _ext.extension_status()[0],
+                               reason="bridge._C not loaded: " + _ext.extension_status()[1])
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def test_extension_imports_where_it_can_be_built():
+    """A CUDA build of torch plus nvcc means setup.py built bridge._C: not loading is a failure."""
+    ok, reason = _ext.extension_status()
+    if not BUILDABLE:
+        pytest.skip(f"cannot build here (torch.version.cuda={torch.version.cuda}, nvcc={_nvcc()})")
+    assert ok, f"bridge._C should have been built and loaded: {reason}"
+    for op in CUDA_OPS:
+        assert _ext.has_op(op), op
+
+
+@needs_ext
+@pytest.mark.parametrize("op", OPS)
+def test_schema_registered(op):
+    schema = str(getattr(torch.ops.bridge, op).default._schema)
+    assert schema.startswith(f"bridge::{op}(")
+
+
+@needs_ext
+def test_schemas_name_every_argument():
+    fwd = str(torch.ops.bridge.norm_lora_row_fwd_cuda.default._schema)
+    bwd = str(torch.ops.bridge.norm_lora_row_bwd_cuda.default._schema)
+    assert "Tensor? norm_bias" in fwd and "float dropout" in fwd and "bool rms" in fwd
+    assert "Tensor? dln_out" in bwd and "Tensor ds" in bwd and "Tensor seed" in bwd
+
+
+def _row_args(device, m=6, k=64, r=5, dtype=torch.bfloat16, bias=True):
+    x = torch.empty(m, k, device=device, dtype=dtype)
+    nw = torch.empty(k, device=device, dtype=dtype)
+    nb = torch.empty(k, device=device, dtype=dtype) if bias else None
+    a = torch.empty(r, k, device=device, dtype=dtype)
+    seed = torch.zeros(1, device=device, dtype=torch.int64)
+    return x, nw, nb, a, seed
+
+
+@needs_ext
+@pytest.mark.parametrize("device", ["meta", "cuda"])
+def test_fakes_propagate_shapes(device):
+    """Meta kernels (csrc/ops.cpp) give the shapes; FakeTensorMode uses them for fake CUDA tensors
+    (how torch.compile traces the ops) without a GPU."""
+    m, k, r = 6, 64, 5
+    with FakeTensorMode() if device == "cuda" else torch.device("meta"):
+        x, nw, nb, a, seed = _row_args(device, m, k, r)
+        ln, mean, rstd, s = torch.ops.bridge.norm_lora_row_fwd_cuda(x, nw, nb, a, seed, 1e-5, 0.1,
+                                                                    False, False)
+        dx, dnw, dnb, da = torch.ops.bridge.norm_lora_row_bwd_cuda(
+            x, ln, None, nw, nb, mean, rstd, s, seed, 0.1, False, False)
+        u = torch.ops.bridge.philox_uniform(seed, torch.empty(3, 4, device=device,
+                                                             dtype=torch.int32))
+    assert (ln.shape, mean.shape, rstd.shape, s.shape) == ((m, k), (m,), (m,), (m, r))
+    assert ln.dtype == x.dtype and {mean.dtype, rstd.dtype, s.dtype} == {torch.float32}
+    assert (dx.shape, dnw.shape, dnb.shape, da.shape) == ((m, k), (k,), (k,), (r, k))
+    assert dx.dtype == x.dtype and da.dtype == torch.float32
+    assert u.shape == (3, 4) and u.dtype == torch.float32
+    assert ln.device.type == device
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUILDABLE, reason="needs a CUDA build of torch and nvcc")
+def test_ptxas_reports_no_spills(tmp_path):
+    """Compile csrc/norm_lora.cu for sm_80 and sm_90 with ptxas -v: no kernel spills."""
+    from torch.utils.cpp_extension import include_paths
+
+    purelib = os.path.dirname(os.path.dirname(torch.__file__))
+    incs = [*include_paths(device_type="cuda"), os.path.join(ROOT, "csrc"),
+            *glob.glob(os.path.join(purelib, "nvidia", "cu1*", "include"))]
+    cmd = [_nvcc(), "-c", os.path.join(ROOT, "csrc", "norm_lora.cu"), "-o", str(tmp_path / "k.o"),
+           "-std=c++20", "-O3", "--use_fast_math", "-Xptxas", "-v", "--expt-relaxed-constexpr",
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-Xcompiler", "-fPIC",
+           f"-I{sys.base_prefix}/include/python{sys.version_info.major}.{sys.version_info.minor}",
+           *[f"-I{p}" for p in incs]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    kernels = re.findall(r"Compiling entry function '(\S+)' for '(sm_\d+)'", log)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    assert len(kernels) >= 14 and len(spills) == len(kernels)
+    assert sum(spills) == 0, log
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the CUDA row pass against the Triton row pass and the fp64 reference
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@gpu
+@needs_ext
+def test_cuda_philox_matches_cpu():
+    seed = torch.tensor([2**33 + 5], dtype=torch.int64)
+    offs = torch.arange(-1000, 100000, 7, dtype=torch.int32)
+    cpu = torch.ops.bridge.philox_uniform(seed, offs)
+    gpu_u = torch.ops.bridge.philox_uniform(seed.cuda(), offs.cuda()).cpu()
+    assert torch.equal(cpu.view(torch.int32), gpu_u.view(torch.int32))
+
+
+@pytest.mark.gpu
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rms,zcg,p", [(False, False, 0.0), (False, True, 0.25),
+                                       (True, False, 0.1)])
+@pytest.mark.parametrize("m,k,r", [(1, 64, 3), (37, 1024, 16), (4100, 4096, 20)])
+def test_cuda_row_pass_matches_triton(dtype, rms, zcg, p, m, k, r):
+    from bridge.kernels.norm_lora import norm_lora_row_bwd, norm_lora_row_fwd
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = (torch.randn(m, k, device=dev) * 3 + 1).to(dtype)
+    nw = (torch.rand(k, device=dev) + 0.5).to(dtype)
+    nb = None if rms else (torch.randn(k, device=dev) * 0.1).to(dtype)
+    a = (torch.randn(r, k, device=dev) / k**0.5).to(dtype)
+    seed = torch.tensor([1234], dtype=torch.int64, device=dev)
+    kw = dict(p=p, rms=rms, shift=1.0 if zcg else 0.0)
+    outs = [norm_lora_row_fwd(x, nw, nb, a, seed, eps=1e-5, backend=b, **kw)
+            for b in ("cuda", "triton")]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for c, t in zip(outs[0], outs[1], strict=True):
+        assert _rel(c, t) < tol
+    ln, mean, rstd, s = outs[1]
+    dln = torch.randn(m, k, device=dev).to(dtype)
+    dlo = torch.randn(m, k, device=dev).to(dtype)
+    ds = torch.randn(m, r, device=dev)
+    grads = [norm_lora_row_bwd(x, dln, dlo, nw, nb, mean, rstd, ds, seed, backend=b, **kw)
+             for b in ("cuda", "triton")]
+    for c, t in zip(grads[0], grads[1], strict=True):
+        if t.norm() > 0:
+            assert _rel(c, t) < tol
