@@ -81,7 +81,7 @@ def _specs() -> list[dict]:
              {**common, "PRE_DROPOUT": True}),
         spec(philox._dropout_keep_mask_kernel, "", None, mask_sig,
              {"BLOCK_R": 16, "BLOCK_C": 128}, uses_dot=False),
-    ]
+    ] + importlib.import_module("bridge.kernels.norm_lora").aot_specs()
 
 
 def _jobs(archs: tuple[int, ...]) -> list[tuple[int, int, int]]:

@@ -50,7 +50,8 @@ def test_every_config_of_every_kernel_is_in_the_report(report):
     kernels = {r["kernel"] for r in report}
     assert {"_lora_linear_shrink_kernel", "_lora_linear_fwd_kernel",
             "_lora_linear_bwd_dsdb_kernel", "_lora_linear_bwd_dx_kernel",
-            "_lora_linear_bwd_da_kernel", "_dropout_keep_mask_kernel"} <= kernels
+            "_lora_linear_bwd_da_kernel", "_dropout_keep_mask_kernel", "_norm_lora_fwd_kernel",
+            "_norm_bwd_dx_kernel", "_norm_lora_bwd_col_kernel"} <= kernels
     assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
 
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One command for a lent H100/H200: build csrc, run the GPU tests, run the GPU benchmark grid.
+# Uses the machine's own python/torch/triton (nothing from the network) and writes every result
+# and log under one folder:
+#     OUT=benchmarks/results/gpu-myrun bash benchmarks/gpu_check.sh
+# Time budget (under 8 minutes in all): build 150 s, tests 30 + 60 s, benchmarks 220 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+STATUS="$OUT/status.txt"
+: > "$STATUS"
+
+step() {  # step NAME SECONDS CMD... : run with a time limit, log to $OUT/NAME.log, record rc
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "== $name (limit ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$OUT/$name.log"
+    echo "$name rc=$rc $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$STATUS"
+    return $rc
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+    "$PY" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__,
+'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|triton|pytest|pytest-benchmark|peft|numpy|matplotlib) "
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. build bridge._C for sm_90 against this machine's torch (no build isolation, no downloads)
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+step build 150 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+    || step build_retry 150 env PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install \
+        --no-build-isolation --no-deps -e .
+"$PY" -c "from bridge.kernels import _ext; print('bridge._C:', _ext.extension_status())" \
+    | tee -a "$STATUS"
+
+# 2. GPU tests: the gpu-marked tests, then the kernel tests compiled for the GPU (no interpreter)
+export BRIDGE_TEST_GPU=1 TRITON_INTERPRET=0
+step tests_gpu_marked 30 "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests \
+    --junitxml="$OUT/tests_gpu_marked.xml"
+KERNEL_TESTS=$(ls tests/test_lora_linear_triton.py tests/test_norm_lora.py tests/test_csrc.py \
+    tests/test_philox.py 2>/dev/null)
+step tests_kernels 60 "$PY" -m pytest -q -ra -p no:cacheprovider --maxfail=10 $KERNEL_TESTS \
+    --junitxml="$OUT/tests_kernels.xml"
+unset TRITON_INTERPRET
+
+# 3. the GPU benchmark grid (headline shapes first; each op module stops after its budget)
+step bench 220 "$PY" -m benchmarks.run --grid gpu --out "$OUT" --budget-s 85
+"$PY" -m benchmarks.render_table "$OUT/results.csv" --out "$OUT/table.md" \
+    && echo "table: $OUT/table.md"
+
+echo "== done in ${SECONDS}s; results in $OUT"
+cat "$STATUS"
