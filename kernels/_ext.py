@@ -7,7 +7,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension_status() -> tuple[bool, str]:
     """``(True, "")`` when ``bridge._C`` imported, else ``(False, reason)``."""
     try:

@@ -147,6 +147,7 @@ class AdapterWrapper(nn.Module):
 
 def _module_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, metadata) -> dict:
     """``module.sharded_state_dict`` if it has one, else replicated ShardedTensors of its state."""
+    from megatron.core import parallel_state
     from megatron.core.transformer.utils import (
         ensure_metadata_has_dp_cp_group,
         make_sharded_tensors_for_checkpoint,
@@ -157,6 +158,10 @@ def _module_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, 
         return module.sharded_state_dict(prefix, sharded_offsets, metadata)
 
     state = module.state_dict(prefix="", keep_vars=True)
+    # The TP group must be passed: without it every TP rank claims the main replica (replica id
+    # (0, 0, dp)) of these replicated tensors, and a distributed checkpoint save rejects them.
+    tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
     return make_sharded_tensors_for_checkpoint(
-        state, prefix, {}, sharded_offsets, dp_cp_group=metadata.get("dp_cp_group")
+        state, prefix, {}, sharded_offsets, tp_group=tp_group,
+        dp_cp_group=metadata.get("dp_cp_group"),
     )

@@ -6,6 +6,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from bridge.peft.walk import map_modules
@@ -63,7 +64,9 @@ class PEFT(ABC):
 
     def adapter_key_filter(self, key) -> bool:
         """Whether a state-dict key belongs to the adapter checkpoint."""
-        if isinstance(key, tuple):
+        if isinstance(key, tuple):  # (name, parameter): trainable parameters are the adapter's
+            if len(key) > 1 and isinstance(key[1], torch.Tensor):
+                return bool(key[1].requires_grad)
             key = key[1] if len(key) > 1 else key[0]
         key = str(key)
         return key in self.params_to_save or ".adapter." in key or key.startswith("adapter.") \
@@ -96,5 +99,5 @@ class PEFT(ABC):
         try:
             yield model
         finally:
-            for m, on in zip(modules, states):
+            for m, on in zip(modules, states, strict=True):
                 (m.enable_adapter_layers if on else m.disable_adapter_layers)()

@@ -67,8 +67,15 @@ class LoRA(PEFT, ModuleMatcher):
         """Wrap ``module`` in LoRA if it matches; an already wrapped module is left alone (so the
         transform is idempotent)."""
         if isinstance(module, (AdapterWrapper, LinearAdapter)):
-            if self.match(module, name, prefix) is not None:
-                self._matched.add(self.match(module, name, prefix)[0])
+            ans = self.match(module, name, prefix)
+            if ans is not None:
+                self._matched.add(ans[0])
+                # __call__ froze every parameter first; a second application leaves the adapter
+                # trainable, as the first one did.
+                factors = (module.adapter,) if isinstance(module, AdapterWrapper) \
+                    else (module.lora_a, module.lora_b)
+                for factor in factors:
+                    factor.requires_grad_(True)
             return module
         ans = self.match(module, name, prefix)
         if ans is None:

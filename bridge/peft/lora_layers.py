@@ -98,6 +98,18 @@ class LinearAdapter(nn.Linear):
         self._init_adapter(dim, alpha, dropout, dropout_position, lora_A_init_method,
                            lora_B_init_method, lora_dtype)
         self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
+        self._adapter_enabled = True
+
+    # The adapter switch PEFT.enable/disable_adapter_layers and PEFT.disable_adapter use.
+    def enable_adapter_layers(self) -> None:
+        self._adapter_enabled = True
+
+    def disable_adapter_layers(self) -> None:
+        self._adapter_enabled = False
+
+    @property
+    def adapter_enabled(self) -> bool:
+        return self._adapter_enabled
 
     def _init_adapter(self, dim, alpha, dropout, dropout_position, a_init, b_init, lora_dtype):
         dtype = lora_dtype or self.weight.dtype
@@ -114,6 +126,8 @@ class LinearAdapter(nn.Linear):
         self.dropout_position = dropout_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._adapter_enabled:
+            return F.linear(x, self.weight, self.bias)
         same_dtype = self.lora_a.weight.dtype == self.weight.dtype == x.dtype
         choice = resolve_backend(
             self.kernel_backend, "lora_linear", device=x.device, dtype=x.dtype,

@@ -157,8 +157,11 @@ class ParallelLinearAdapter(nn.Module):
                 input_is_parallel=True, skip_bias_add=True,
             )
         else:
+            # With sequence parallelism x arrives through the sequence gather in forward, whose
+            # backward reduce-scatter already sums dx over the TP ranks: no all-reduce here too.
             self.linear_in = ColumnParallelLinear(
                 in_features, dim, config=cfg, init_method=a_init, bias=False, gather_output=True,
+                disable_grad_reduce=self.sequence_parallel,
             )
         self.linear_out = ColumnParallelLinear(
             dim, out_features, config=cfg, init_method=b_init, bias=False,
