@@ -237,3 +237,19 @@ def test_disable_adapter_context_restores_state_even_on_error():
             raise KeyError("boom")
     assert all(model.get_submodule(n).adapter_enabled for n in ALL_LINEARS)
     torch.testing.assert_close(model(x), y_lora, rtol=0, atol=0)
+
+
+def test_wildcard_walks_into_containers_and_wraps_only_linears():
+    # '0*' matches the container '0' and its children '0.0' (a linear) and '0.1' (a ReLU):
+    # the container is walked into, the linear wrapped, the ReLU left alone.
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    LoRA(target_modules=["0*"], dim=2)(model)
+    assert isinstance(model[0][0], LinearAdapter)
+    assert isinstance(model[0][1], nn.ReLU)
+    assert type(model[1]) is nn.Linear
+
+
+def test_exact_name_of_a_non_linear_raises_naming_the_class():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(TypeError, match="layer type ReLU is not supported for LoRA"):
+        LoRA(target_modules=["1"], dim=2)(model)

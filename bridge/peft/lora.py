@@ -15,7 +15,12 @@ from bridge.peft.base import PEFT
 from bridge.peft.lora_layers import LinearAdapter, LoRALinear
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter, check_adapter_hparams
-from bridge.peft.utils import get_adapter_attributes_from_linear, is_expert_linear, is_te_module
+from bridge.peft.utils import (
+    get_adapter_attributes_from_linear,
+    is_expert_linear,
+    is_linear_like,
+    is_te_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,10 @@ class LoRA(PEFT, ModuleMatcher):
         if ans is None:
             return module
         pattern, full_name = ans
+        if "*" in pattern and name != pattern and not is_linear_like(module):
+            # A wildcard also matches containers ('decoder.layers.0.*' matches '...0.mlp'):
+            # those are walked into, not wrapped. An exact name must be a linear.
+            return module
         self._matched.add(pattern)
         if isinstance(module, nn.Linear) and not is_te_module(module):
             return LinearAdapter(

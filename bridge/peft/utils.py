@@ -72,8 +72,20 @@ def te_parallel_mode(m: nn.Module) -> str | None:
     return "duplicated"
 
 
-def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False):
+def is_linear_like(m: nn.Module) -> bool:
+    """Whether ``m`` is a linear that LoRA can wrap (a megatron-core, bridge, TE or torch linear)."""
+    try:
+        get_adapter_attributes_from_linear(m, probe=True)
+    except TypeError:
+        return False
+    return True
+
+
+def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False, probe: bool = False):
     """What an adapter needs to know about the base linear ``m``.
+
+    Args:
+        probe: only classify ``m``; leave its return flags (``return_layernorm_output``) alone.
 
     Returns:
         ``(input_is_parallel, in_features, out_features, disable_sequence_parallel_comm,
@@ -90,11 +102,12 @@ def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False):
     base_is_parallel = True
     tp_size = _tp_size(is_expert) if config is not None else 1
     if isinstance(m, LayerNormColumnParallelLinear):
-        m.return_layernorm_output = True
+        if not probe:
+            m.return_layernorm_output = True
         return False, m.input_size, m.output_size, disable_sp_comm, True
     if is_te_module(m):
         mode = te_parallel_mode(m)
-        if _class_names(m) & set(TE_LAYERNORM_COLUMN):
+        if _class_names(m) & set(TE_LAYERNORM_COLUMN) and not probe:
             # The adapter reads the normalised input, so the layer must return it.
             m.return_layernorm_output = True
             if sequence_parallel and not getattr(m, "ub_overlap_ag", False):
