@@ -129,6 +129,11 @@ class ParallelLinearAdapter(nn.Module):
         self.in_features, self.out_features = in_features, out_features
 
         config = model_parallel_config
+        # B of a gated fc1 adapter holds [gate; up] rows per rank, like the base: checkpoints
+        # store it as megatron stores the base (swiglu factory), so it reshards across TP sizes.
+        self.swiglu_output = (bool(getattr(config, "gated_linear_unit", False))
+                              and base_linear_name.rsplit(".", 1)[-1] == "linear_fc1"
+                              and not input_is_parallel)
         self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         dtype = params_dtype or getattr(config, "params_dtype", None) or torch.float32
         a_init, b_init = get_init_fn(column_init_method), get_init_fn(row_init_method)
@@ -205,4 +210,10 @@ class ParallelLinearAdapter(nn.Module):
         for name in ("linear_in", "linear_out"):
             out.update(_module_sharded_state_dict(getattr(self, name), f"{prefix}{name}.",
                                                   sharded_offsets, metadata))
+        if self._megatron and self.swiglu_output:
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}linear_out.weight"
+            out[key] = apply_swiglu_sharded_factory(
+                out[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
         return out

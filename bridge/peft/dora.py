@@ -1,0 +1,104 @@
+"""The DoRA transform (Megatron-Bridge's ``DoRA``): weight-decomposed low-rank adaptation.
+
+See ``dora_layers`` for the formula (HF PEFT's, bias excluded from the norm) and for how the norm
+covers whole rows under tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.base import PEFT
+from bridge.peft.dora_layers import DoRALinear, ParallelLinearDoRAAdapter
+from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
+from bridge.peft.parallel_linear_adapter import check_adapter_hparams
+from bridge.peft.utils import get_adapter_attributes_from_linear, is_expert_linear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DoRA"]
+
+
+@dataclass
+class DoRA(PEFT, ModuleMatcher):
+    """DoRA on the matched linears: y = (m / ||W0 + s·B@A||) · (W0 x + s·B A x) + b.
+
+    Args:
+        target_modules: names or ``*`` patterns (default: the four transformer linears).
+        exclude_modules: with ``target_modules=[]``, every linear except these.
+        dim: rank r. alpha: scale numerator (s = alpha / dim). dropout: on the adapter input.
+        dropout_position: 'pre' only (DoRA's dropout correction needs the dropped input).
+        lora_A_init_method, lora_B_init_method: 'xavier' | 'normal' | 'kaiming' | 'zero'.
+        lora_dtype: dtype of A, B and m (default: the base's params dtype).
+
+    A plain ``nn.Linear`` base gets plain ``nn.Linear`` factors (no megatron needed).
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dim: int = 32
+    alpha: int = 64
+    dropout: float = 0.0
+    dropout_position: str = "pre"
+    lora_A_init_method: str = "xavier"
+    lora_B_init_method: str = "zero"
+    lora_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.dropout_position != "pre":
+            raise ValueError(
+                f"DoRA supports dropout_position='pre' only, got {self.dropout_position!r} "
+                "(its dropout correction term needs the dropped input of the base)"
+            )
+        ModuleMatcher.__post_init__(self)
+        PEFT.__post_init__(self)
+        check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
+                              (self.lora_A_init_method, self.lora_B_init_method))
+        self._matched: set[str] = set()
+
+    def __call__(self, model, training: bool = True):
+        self._matched = set()
+        model = super().__call__(model, training=training)
+        unmatched = [p for p in self.target_modules if p not in self._matched]
+        if unmatched:
+            warnings.warn(f"DoRA target_modules matched no module: {unmatched}", stacklevel=2)
+        return model
+
+    def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
+        """Wrap ``module`` in DoRA if it matches (idempotent: wrapped modules are left alone)."""
+        ans = self.match(module, name, prefix)
+        if isinstance(module, AdapterWrapper):
+            if ans is not None:
+                self._matched.add(ans[0])
+            return module
+        if ans is None:
+            return module
+        pattern, full_name = ans
+        self._matched.add(pattern)
+        is_expert = is_expert_linear(full_name)
+        input_is_parallel, in_features, out_features, disable_sp_comm, base_is_parallel = (
+            get_adapter_attributes_from_linear(module, is_expert=is_expert)
+        )
+        logger.info("Adding DoRA to %s", full_name)
+        adapter = ParallelLinearDoRAAdapter(
+            in_features, out_features, self.dim, base_linear_name=full_name,
+            activation="identity", column_init_method=self.lora_A_init_method,
+            row_init_method=self.lora_B_init_method, input_is_parallel=input_is_parallel,
+            dropout=self.dropout, model_parallel_config=getattr(module, "config", None),
+            alpha=self.alpha, dropout_position="pre", is_expert=is_expert,
+            disable_sequence_parallel_comm=disable_sp_comm,
+            base_linear_is_parallel=base_is_parallel, params_dtype=self._dtype(module),
+        )
+        return DoRALinear(module, adapter)
+
+    def _dtype(self, module: nn.Module) -> torch.dtype | None:
+        """lora_dtype, else the config's params dtype, else (plain nn.Linear) the weight's."""
+        if self.lora_dtype is not None or getattr(module, "config", None) is not None:
+            return self.lora_dtype
+        weight = getattr(module, "weight", None)
+        return weight.dtype if isinstance(weight, torch.Tensor) else None

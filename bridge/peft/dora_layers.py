@@ -1,0 +1,217 @@
+"""DoRA layers: ``ParallelLinearDoRAAdapter`` (LoRA factors + a magnitude vector) and
+``DoRALinear`` (the wrapper that rescales base + adapter row by row).
+
+With W0 the frozen base weight, s = alpha / r and n = ||W0 + s·B@A|| the row norms (over the whole
+row, all TP shards; detached, as in HF PEFT), HF PEFT's DoRA is
+
+    y = W0 x + b + (m/n - 1) · W0 x~ + (m/n) · s·B A x~        x~ = dropout(x)
+
+which is (m/n) · (W0 x + s·B A x) + b when dropout is off (eval, or p = 0). The bias is never
+scaled and never enters the norm.
+
+Tensor parallelism (Megatron-Bridge's adapter layout):
+
+- column-parallel base, W0 [N/tp, K]: the rows are local; B is split on N like W0, A is gathered
+  (it is split on r), so n is computed locally and m is split on N ([N/tp], sharded on axis 0).
+- row-parallel base, W0 [N, K/tp]: each rank holds a K-slice of every row; B is gathered, and the
+  squared row norms of W0_k + s·B@A_k are all-reduced over TP. m is [N], replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.lora_merge import acc, adapter_delta, tp_group_and_size
+from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
+
+__all__ = ["DoRALinear", "ParallelLinearDoRAAdapter"]
+
+
+class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
+    """A ParallelLinearAdapter with DoRA's ``weight_magnitude`` m ([N/tp] for a column-parallel
+    base, [N] otherwise), in the adapter's params dtype. Dropout is 'pre' only."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("dropout_position", "pre") != "pre":
+            raise ValueError(
+                f"DoRA supports dropout_position='pre' only, got {kwargs['dropout_position']!r}"
+            )
+        kwargs["dropout_position"] = "pre"
+        super().__init__(*args, **kwargs)
+        _, tp = tp_group_and_size(self)
+        rows = self.out_features if self.input_is_parallel else self.out_features // tp
+        dtype = self.linear_out.weight.dtype
+        self.weight_magnitude = nn.Parameter(
+            torch.ones(rows, dtype=dtype, device=self.linear_out.weight.device)
+        )
+        if self._megatron and self.sequence_parallel and self.input_is_parallel:
+            # Replicated, but each rank sees only its sequence shard of the output: megatron's
+            # grad finalisation all-reduces parameters marked like this over TP.
+            self.weight_magnitude.sequence_parallel = True
+
+    def init_weight_magnitude(self, value: torch.Tensor) -> None:
+        """Set m (e.g. to the initial row norms ||W0 + s·B@A||)."""
+        if value.shape != self.weight_magnitude.shape:
+            raise ValueError(
+                f"weight_magnitude of {self.base_linear_name!r} has shape "
+                f"{tuple(self.weight_magnitude.shape)}, got a value of shape {tuple(value.shape)}"
+            )
+        with torch.no_grad():
+            self.weight_magnitude.copy_(value)
+
+    def get_weight_magnitude(self) -> torch.Tensor:
+        return self.weight_magnitude
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B(A(x)) without dropout (the caller drops x once, for both DoRA terms)."""
+        if self._megatron and not self.disable_sequence_parallel_comm \
+                and not self.input_is_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            x = gather_from_sequence_parallel_region(x)
+        x = x.to(self.linear_in.weight.dtype)
+        x = self._linear(self.linear_out, self.activation(self._linear(self.linear_in, x)))
+        if self._megatron and self.sequence_parallel and self.input_is_parallel:
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            x = scatter_to_sequence_parallel_region(x)
+        return x * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA term alone (with dropout); DoRALinear composes the DoRA output."""
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.lora_output(x)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """The factors' sharded tensors plus m (sharded on axis 0 for a column-parallel base)."""
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self._megatron:
+            from bridge.peft.adapter_wrapper import _module_sharded_state_dict
+
+            holder = nn.Module()
+            holder.weight_magnitude = self.weight_magnitude
+            out.update(_module_sharded_state_dict(holder, prefix, sharded_offsets, metadata))
+            return out
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        axis = {} if self.input_is_parallel else {"weight_magnitude": 0}
+        out.update(make_sharded_tensors_for_checkpoint(
+            {"weight_magnitude": self.weight_magnitude}, prefix, axis, sharded_offsets,
+            tp_group=self.linear_out.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        ))
+        if getattr(self, "swiglu_output", False):  # m has fc1's [gate; up] rows, like B
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}weight_magnitude"
+            out[key] = apply_swiglu_sharded_factory(
+                out[key], sharded_offsets, metadata.get("singleton_local_shards", False))
+        return out
+
+
+class DoRALinear(AdapterWrapper):
+    """DoRA beside a Megatron or torch linear (eager path).
+
+    Initialises m to the row norms of W0 + s·B@A. Returns what the base returns, less the
+    layernorm output.
+    """
+
+    def __init__(self, to_wrap: nn.Module, adapter: ParallelLinearDoRAAdapter) -> None:
+        if not isinstance(adapter, ParallelLinearDoRAAdapter):
+            raise TypeError("DoRALinear needs a ParallelLinearDoRAAdapter, got "
+                            f"{type(adapter).__name__}")
+        super().__init__(to_wrap, adapter)
+        self.adapter.init_weight_magnitude(self.weight_norm().to(adapter.weight_magnitude.dtype))
+
+    # ---- the norm --------------------------------------------------------------------------
+    def weight_norm(self) -> torch.Tensor:
+        """n = ||W0 + s·B@A|| per output row (whole rows under TP), fp32, detached: [N/tp]
+        for a column-parallel base, [N] otherwise."""
+        w = acc(self.to_wrap.weight)
+        delta = adapter_delta(self.adapter)
+        if delta.shape != w.shape:
+            raise ValueError(
+                f"DoRA on {self.adapter.base_linear_name!r}: the adapter's delta has shape "
+                f"{tuple(delta.shape)} but the base weight shard has shape {tuple(w.shape)}"
+            )
+        sq = (w + delta.to(w.dtype)).square().sum(dim=1)
+        group, tp = tp_group_and_size(self.adapter)
+        if self.adapter.input_is_parallel and tp > 1:
+            dist.all_reduce(sq, group=group)
+        return sq.sqrt()
+
+    def merged_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m · (W0 + s·B@A) / n in fp32, n): this rank's shard of the merged weight."""
+        w = acc(self.to_wrap.weight)
+        w = w + adapter_delta(self.adapter).to(w.dtype)
+        norm = self.weight_norm()
+        m = acc(self.adapter.weight_magnitude).to(w.dtype)
+        return w * (m / norm).unsqueeze(1), norm
+
+    def unmerged_weight(self, merged: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`merged_weight` given the norm it used: W0 = W' · n / m - s·B@A."""
+        m = acc(self.adapter.weight_magnitude).to(merged.dtype)
+        return merged * (norm / m).unsqueeze(1) - adapter_delta(self.adapter).to(merged.dtype)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _bias_in_output(self, returned_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias the base already added to its output (None if it returned it separately)."""
+        if self._return_bare_tensor:
+            return returned_bias
+        bias = getattr(self.to_wrap, "bias", None)
+        if returned_bias is None and isinstance(bias, torch.Tensor) and bias.numel() > 0 \
+                and not getattr(self.to_wrap, "skip_bias_add", False):
+            return bias
+        return None
+
+    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x for an input laid out like the adapter's input (TP-aware, differentiable in x)."""
+        a = self.adapter
+        w = self.to_wrap.weight
+        if not a._megatron:
+            return F.linear(x, w)
+        from megatron.core.tensor_parallel import mappings
+
+        _, tp = tp_group_and_size(a)
+        if not a.input_is_parallel:
+            if not a.disable_sequence_parallel_comm:
+                x = mappings.gather_from_sequence_parallel_region(x)
+            elif tp > 1 and not a.sequence_parallel:
+                # Without sequence parallelism dx sums over the TP ranks here; with it, the
+                # base's own gather of its norm output reduce-scatters dx (as for linear_in).
+                x = mappings.copy_to_tensor_model_parallel_region(x)
+            return F.linear(x, w)
+        y = F.linear(x, w)
+        if a.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(y)
+        return mappings.reduce_from_tensor_model_parallel_region(y) if tp > 1 else y
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
+        if not self._adapter_enabled:
+            return self.wrap_output(linear_output, bias)
+        adapter = self.adapter
+        added_bias = self._bias_in_output(bias)
+        base = linear_output - added_bias if added_bias is not None else linear_output
+        scale = (adapter.weight_magnitude / self.weight_norm().to(adapter.weight_magnitude.dtype))
+        scale = scale.to(base.dtype)
+        x_in = layernorm_output.contiguous()
+        if adapter.dropout is not None and self.training:
+            x_drop = adapter.dropout(x_in)
+            lora = adapter.lora_output(x_drop).reshape(base.shape).to(base.dtype)
+            out = base + (scale - 1) * self._base_without_bias(x_drop).reshape(base.shape) \
+                + scale * lora
+        else:
+            lora = adapter.lora_output(x_in).reshape(base.shape).to(base.dtype)
+            out = scale * (base + lora)
+        if added_bias is not None:
+            out = out + added_bias
+        return self.wrap_output(out, bias)
