@@ -125,6 +125,7 @@ def resolve_backend(
     dtype: torch.dtype,
     cuda_op: bool = False,
     constraints: Iterable[tuple[bool, str]] = (),
+    cuda_constraints: Iterable[tuple[bool, str]] = (),
 ) -> BackendChoice:
     """Choose the backend for one call of ``op``.
 
@@ -136,6 +137,8 @@ def resolve_backend(
             automatically, and an explicit ``cuda`` request raises).
         constraints: extra ``(ok, reason)`` checks that any fused backend must pass (e.g. shape
             limits, "base weight requires grad").
+        cuda_constraints: checks only the ``cuda`` backend must pass (e.g. the CUDA kernel's
+            hidden-size limit); when one fails, ``auto`` moves on to ``triton``.
 
     Returns:
         The chosen backend and, when the choice fell back, the reason.
@@ -152,6 +155,7 @@ def resolve_backend(
             name = validate_backend_name(env, what=f"{ENV_VAR} value")
             source = f"{ENV_VAR}={env}"
     failed = [reason for ok, reason in constraints if not ok]
+    cuda_failed = [reason for ok, reason in cuda_constraints if not ok]
 
     def probe(backend: str) -> tuple[bool, str]:
         if failed:
@@ -160,7 +164,10 @@ def resolve_backend(
             return probe_triton(device, dtype)
         if not cuda_op:
             return False, f"no CUDA C++ kernel exists for {op}"
-        return probe_cuda(device, dtype, op)
+        ok, reason = probe_cuda(device, dtype, op)
+        if ok and cuda_failed:
+            return False, "; ".join(cuda_failed)
+        return ok, reason
 
     if name == "eager":
         return BackendChoice("eager", f"requested by {source}")

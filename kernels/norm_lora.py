@@ -13,7 +13,6 @@ recomputed in backward and the dropout mask regenerated (kernels/philox.py), nev
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 from bridge.kernels._checks import check_dropout, check_lora_args, check_norm_args
@@ -28,12 +27,9 @@ from bridge.kernels._triton_common import (
     triton,
 )
 from bridge.kernels.backend import (
-    ENV_VAR,
     BackendChoice,
-    BackendUnavailableError,
     probe_triton,
     resolve_backend,
-    validate_backend_name,
 )
 from bridge.kernels.lora_linear import (
     _compute_dtype,
@@ -642,29 +638,15 @@ def norm_lora_backend(
     constraints: tuple[tuple[bool, str], ...] | list[tuple[bool, str]] = (),
 ) -> BackendChoice:
     """The backend of the row pass ('cuda' | 'triton' | 'eager') and why; GEMMs are Triton
-    whenever the row pass is not eager. ``constraints``: the caller's extra (ok, reason) checks."""
+    whenever the row pass is not eager, so 'cuda' also needs Triton to run here.
+    ``constraints``: the caller's extra (ok, reason) checks."""
     frozen = (not weight.requires_grad,
               "the base weight requires grad (the fused op treats it as frozen)")
-    choice = resolve_backend(requested, OP_NAME, device=x.device, dtype=x.dtype, cuda_op=True,
-                             constraints=[frozen, *constraints])
-    if choice.name != "cuda":
-        return choice
-    ok, reason = cuda_row_limits(x.shape[-1], x.dtype)
-    if ok:
-        ok, why = probe_triton(x.device, x.dtype)
-        if ok:
-            return choice
-        reason = f"the GEMMs run on Triton, which cannot run here ({why})"
-    name = validate_backend_name(requested)
-    if name == "auto":
-        name = validate_backend_name(os.environ.get(ENV_VAR) or "auto")
-    if name == "cuda":
-        raise BackendUnavailableError(f"{OP_NAME}: backend 'cuda' cannot run: {reason}; "
-                                      "use backend='triton' or 'auto'")
     ok, why = probe_triton(x.device, x.dtype)
-    if ok:
-        return BackendChoice("triton", f"cuda: {reason}")
-    return BackendChoice("eager", f"cuda: {reason}; triton: {why}")
+    gemms = (ok, f"the GEMMs run on Triton, which cannot run here ({why})")
+    return resolve_backend(requested, OP_NAME, device=x.device, dtype=x.dtype, cuda_op=True,
+                           constraints=[frozen, *constraints],
+                           cuda_constraints=[cuda_row_limits(x.shape[-1], x.dtype), gemms])
 
 
 def norm_lora_linear(

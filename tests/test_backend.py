@@ -184,3 +184,33 @@ def test_auto_fallback_reason_lists_every_backend_tried(clean_env):
 def test_eager_request_never_probes_constraints(clean_env):
     # An explicit eager request always runs, whatever the constraints say.
     assert _resolve("eager", constraints=[(False, "anything")]).name == "eager"
+
+
+# ---- constraints of the cuda backend alone ----------------------------------------------------
+@pytest.fixture
+def cuda_probe_passes(clean_env):
+    """Pretend bridge._C and a GPU are present, so only cuda_constraints can stop 'cuda'."""
+    import bridge.kernels.backend as backend
+
+    clean_env.setattr(backend, "probe_cuda", lambda device, dtype, op: (True, ""))
+    return clean_env
+
+
+def test_cuda_constraint_moves_auto_on_to_triton_with_the_reason(cuda_probe_passes):
+    choice = _resolve("auto", op=_op(), cuda_op=True,
+                      cuda_constraints=[(False, "hidden size 99 is not a multiple of 8")])
+    assert choice == BackendChoice("triton", "cuda: hidden size 99 is not a multiple of 8")
+
+
+def test_cuda_constraint_makes_an_explicit_cuda_request_raise(cuda_probe_passes):
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda'.*multiple of 8"):
+        _resolve("cuda", cuda_op=True, cuda_constraints=[(False, "not a multiple of 8")])
+
+
+def test_cuda_constraints_do_not_stop_triton(cuda_probe_passes):
+    choice = _resolve("triton", cuda_op=True, cuda_constraints=[(False, "not a multiple of 8")])
+    assert choice.name == "triton"
+
+
+def test_met_cuda_constraints_pick_cuda(cuda_probe_passes):
+    assert _resolve("auto", cuda_op=True, cuda_constraints=[(True, "")]).name == "cuda"
