@@ -15,6 +15,8 @@ import torch
 from bridge.kernels import _ext
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from tests.conftest import KERNEL_DEVICE
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OPS = ("philox_uniform", "norm_lora_row_fwd_cuda", "norm_lora_row_bwd_cuda")
@@ -91,10 +93,33 @@ def test_fakes_propagate_shapes(device):
     assert ln.device.type == device
 
 
+def _ptxas_log_of_the_install() -> str | None:
+    """The install's own build output (``make`` keeps it and points BRIDGE_BUILD_LOG at it), if
+    it holds the ptxas lines of the csrc kernels: reading it saves compiling them again."""
+    path = os.environ.get("BRIDGE_BUILD_LOG")
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, errors="replace") as f:
+        log = f.read()
+    return log if "Compiling entry function" in log and "norm_lora" in log else None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not BUILDABLE, reason="needs a CUDA build of torch and nvcc")
 def test_ptxas_reports_no_spills(tmp_path):
-    """Compile csrc/norm_lora.cu for sm_80 and sm_90 with ptxas -v: no kernel spills."""
+    """csrc/norm_lora.cu for sm_80 and sm_90 with ptxas -v: no kernel spills. Reads the
+    install's build log when there is one (make test), else compiles the file here."""
+    log = _ptxas_log_of_the_install()
+    if log is None:
+        log = _compile_with_ptxas_verbose(tmp_path)
+    kernels = re.findall(r"Compiling entry function '(\S+)' for '(sm_\d+)'", log)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    assert {arch for _, arch in kernels} >= {"sm_80", "sm_90"}, log[-3000:]
+    assert len(kernels) >= 14 and len(spills) == len(kernels)
+    assert sum(spills) == 0, log
+
+
+def _compile_with_ptxas_verbose(tmp_path) -> str:
     from torch.utils.cpp_extension import include_paths
 
     purelib = os.path.dirname(os.path.dirname(torch.__file__))
@@ -110,10 +135,7 @@ def test_ptxas_reports_no_spills(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    kernels = re.findall(r"Compiling entry function '(\S+)' for '(sm_\d+)'", log)
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(kernels) >= 14 and len(spills) == len(kernels)
-    assert sum(spills) == 0, log
+    return log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +160,9 @@ def test_cuda_philox_matches_cpu():
 @pytest.mark.gpu
 @gpu
 @needs_ext
+@pytest.mark.skipif(torch.cuda.is_available() and KERNEL_DEVICE != "cuda",
+                    reason="the Triton row pass must be compiled for the GPU: needs "
+                    "BRIDGE_TEST_GPU=1 and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rms,zcg,p", [(False, False, 0.0), (False, True, 0.25),
                                        (True, False, 0.1)])

@@ -1,42 +1,28 @@
-"""The Triton fused LoRA linear under the CPU interpreter, against the fp64 reference.
+"""The Triton fused LoRA linear against the fp64 reference, on ``KERNEL_DEVICE`` (tests/conftest.py):
+the CPU interpreter here, the compiled kernels on a GPU (``BRIDGE_TEST_GPU=1 TRITON_INTERPRET=0``).
 
-Values and every gradient are compared with ``lora_linear_ref`` in fp64, fed the keep mask the
-kernels draw (``dropout_keep_mask``), by relative error ||out - ref|| / ||ref||. Shapes stay tiny
-(the interpreter runs each tile op in Python) and pick the boundaries: M = 1, K and N that are not
-multiples of the 64-wide interpreter tiles, ranks below, at and above the 16/32/64 buckets.
+Values and every gradient are compared with ``lora_linear_ref`` in fp64 (on the same device), fed
+the keep mask the kernels draw (``dropout_keep_mask``), by relative error ||out - ref|| / ||ref||.
+Shapes stay tiny (the interpreter runs each tile op in Python) and pick the boundaries: M = 1, K
+and N that are not multiples of the 64-wide interpreter tiles, ranks below, at and above the
+16/32/64 buckets.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 
 import pytest
 import torch
 from bridge.kernels import backend as backend_mod
 from bridge.kernels import lora_linear, lora_linear_ref
-from bridge.kernels._triton_common import HAS_TRITON
 from bridge.kernels.backend import BackendUnavailableError
 from bridge.kernels.philox import dropout_keep_mask
 
-# `bridge.kernels.lora_linear` the attribute is the function; the module is needed here.
-ll = importlib.import_module("bridge.kernels.lora_linear")
+from tests.conftest import KERNEL_DEVICE as DEV
+from tests.conftest import requires_kernel_device
 
-
-def _interpreted() -> bool:
-    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(ll._lora_linear_fwd_kernel, InterpretedFunction)
-
-
-pytestmark = pytest.mark.skipif(
-    not _interpreted(),
-    reason="needs triton with TRITON_INTERPRET=1 set before triton was imported "
-    "(tests/conftest.py sets it; the kernels run on CPU tensors only in the interpreter)",
-)
+pytestmark = requires_kernel_device()
 
 # Relative-error tolerance per dtype: about 1 ulp of the storage type (bf16 2^-7, fp16 2^-10;
 # outputs are rounded once, to nearest, from fp32 accumulators), fp32 far above its rounding.
@@ -48,14 +34,16 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _inputs(lead, k, n, r, dtype, *, bias=True, gen_seed=0):
-    """Fresh random inputs at the scale of a real layer (never zeros)."""
+def _inputs(lead, k, n, r, dtype, *, bias=True, gen_seed=0, device=DEV):
+    """Fresh random inputs at the scale of a real layer (never zeros), drawn on the CPU (the same
+    values on every device) and placed on ``device``."""
     g = torch.Generator().manual_seed(gen_seed)
-    x = torch.randn(*lead, k, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype).requires_grad_() if bias else None
-    a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype).requires_grad_()
-    bb = torch.randn(n, r, generator=g).to(dtype).requires_grad_()
+    on = lambda t: t.to(device=device, dtype=dtype)
+    x = on(torch.randn(*lead, k, generator=g)).requires_grad_()
+    w = on(torch.randn(n, k, generator=g) / k**0.5)
+    b = on(torch.randn(n, generator=g)).requires_grad_() if bias else None
+    a = on(torch.randn(r, k, generator=g) / k**0.5).requires_grad_()
+    bb = on(torch.randn(n, r, generator=g)).requires_grad_()
     return x, w, b, a, bb
 
 
@@ -68,13 +56,13 @@ def _check_against_ref(x, w, b, a, bb, *, scale, p, pos, skip_bias_add=False, se
     """Run the Triton path and the fp64 reference with the kernels' mask; compare all."""
     y = lora_linear(x, w, b, a, bb, scale=scale, dropout=p, dropout_position=pos,
                     skip_bias_add=skip_bias_add, seed=seed, backend="triton")
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype) \
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.device, y.dtype) \
         if dy is None else dy
     y.backward(dy)
     mask = None
     if p > 0:
         shape = x.shape if pos == "pre" else y.shape
-        mask = dropout_keep_mask(seed, shape, p, "cpu")
+        mask = dropout_keep_mask(seed, shape, p, x.device)
     r64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, b, a, bb)]
     y_ref = lora_linear_ref(r64[0], w.double(), r64[1], r64[2], r64[3], scale=scale, dropout=p,
                             dropout_mask=mask, dropout_position=pos, skip_bias_add=skip_bias_add)
@@ -124,10 +112,10 @@ def test_matches_fp64_reference(dtype, lead, k, n, r, p, pos, bias, skip):
 def test_non_contiguous_x(pos):
     # x as a transposed view (strides (1, M)) and as a strided slice of the last dim
     x, w, b, a, bb = _inputs((24,), 40, 24, 8, torch.float32)
-    xt = torch.randn(40, 24).t().requires_grad_()
+    xt = torch.randn(40, 24, device=DEV).t().requires_grad_()
     assert not xt.is_contiguous()
     _check_against_ref(xt, w, b, a, bb, scale=0.5, p=0.1, pos=pos)
-    xs_base = torch.randn(2, 6, 80)
+    xs_base = torch.randn(2, 6, 80, device=DEV)
     xs = xs_base[..., ::2].requires_grad_()
     a.grad = bb.grad = b.grad = None
     _check_against_ref(xs, w, b, a, bb, scale=0.5, p=0.1, pos=pos)
@@ -195,14 +183,14 @@ def test_eval_mode_ignores_dropout():
 
 def test_keep_rate_within_three_sigma():
     p, n = 0.1, 1_000_000
-    keep = dropout_keep_mask(SEED, (1000, 1000), p, "cpu")
+    keep = dropout_keep_mask(SEED, (1000, 1000), p, DEV)
     rate = keep.double().mean().item()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(rate - (1 - p)) < 3 * sigma, (rate, sigma)
     # the mask is a function of the flat element index: any leading-dims view agrees
-    assert torch.equal(dropout_keep_mask(SEED, (2, 5, 1000), p, "cpu").reshape(10, 1000),
+    assert torch.equal(dropout_keep_mask(SEED, (2, 5, 1000), p, DEV).reshape(10, 1000),
                        keep[:10])
-    assert not torch.equal(dropout_keep_mask(SEED + 1, (10, 1000), p, "cpu"), keep[:10])
+    assert not torch.equal(dropout_keep_mask(SEED + 1, (10, 1000), p, DEV), keep[:10])
 
 
 def _saved_bytes(fn, params) -> int:
@@ -237,11 +225,11 @@ def test_saved_bytes(dtype):
 @pytest.mark.parametrize("post", [False, True])
 def test_opcheck(post):
     x, w, b, a, bb = _inputs((2, 3), 24, 20, 4, torch.float32)
-    seed = torch.tensor([7])
+    seed = torch.tensor([7], device=DEV)
     fwd = torch.ops.bridge.lora_linear_fwd.default
     torch.library.opcheck(fwd, (x, w, b, a, bb, seed, 2.0, 0.1, post))
     torch.library.opcheck(fwd, (x, w, None, a, bb, None, 2.0, 0.0, post))
-    dy, s_mat = torch.randn(2, 3, 20), torch.randn(6, 4)
+    dy, s_mat = torch.randn(2, 3, 20, device=DEV), torch.randn(6, 4, device=DEV)
     torch.library.opcheck(torch.ops.bridge.lora_linear_bwd.default,
                           (dy, x.detach(), w, a.detach(), bb.detach(), s_mat, seed, 2.0, 0.1,
                            post, True))
@@ -270,8 +258,8 @@ def test_torch_compile_fullgraph():
 # ---- bad input and backend choice ----------------------------------------------------------
 
 
-def _small(dtype=torch.float32):
-    return _inputs((4,), 16, 8, 2, dtype)
+def _small(dtype=torch.float32, device=DEV):
+    return _inputs((4,), 16, 8, 2, dtype, device=device)
 
 
 def test_bad_shapes_and_dtypes():
@@ -304,15 +292,17 @@ def test_trainable_base_weight_falls_back(caplog):
 
 
 def test_triton_unavailable_without_interpreter(monkeypatch, caplog):
-    # with TRITON_INTERPRET=0 and no GPU, an explicit 'triton' raises and 'auto' runs eager
-    x, w, b, a, bb = _small()
+    # CPU tensors with TRITON_INTERPRET=0: an explicit 'triton' raises and 'auto' runs eager
+    # (the reason: no GPU here; on a GPU machine, that the tensors are not on it)
+    x, w, b, a, bb = _small(device="cpu")
+    why = "no GPU" if not torch.cuda.is_available() else "tensors are on cpu, not on a CUDA GPU"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendUnavailableError, match="no GPU"):
+    with pytest.raises(BackendUnavailableError, match=why):
         lora_linear(x, w, b, a, bb, scale=1.0, backend="triton")
     backend_mod._log_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="bridge.kernels"):
         y = lora_linear(x, w, b, a, bb, scale=1.0)
-    assert any("eager backend" in r.getMessage() and "no GPU" in r.getMessage()
+    assert any("eager backend" in r.getMessage() and why in r.getMessage()
                for r in caplog.records)
     ref = lora_linear_ref(x, w, b, a, bb, scale=1.0)
     assert torch.equal(y, ref)

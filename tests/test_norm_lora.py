@@ -1,14 +1,14 @@
-"""The norm-fused LoRA linear (Triton backend under TRITON_INTERPRET=1) against the fp64 reference:
-values and every gradient, both norms, dropout at both positions, the returned ln with its own
-gradient; the registered ops under opcheck; bad input; the backend choice."""
+"""The norm-fused LoRA linear (Triton backend) against the fp64 reference, on ``KERNEL_DEVICE``
+(tests/conftest.py: the CPU interpreter here, the compiled kernels with ``BRIDGE_TEST_GPU=1
+TRITON_INTERPRET=0`` on a GPU): values and every gradient, both norms, dropout at both positions,
+the returned ln with its own gradient; the registered ops under opcheck; bad input; the backend
+choice."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from bridge.kernels import BackendUnavailableError
-from bridge.kernels._triton_common import HAS_TRITON
-from bridge.kernels.backend import interpreter_enabled
 from bridge.kernels.norm_lora import (
     cuda_row_limits,
     norm_lora_backend,
@@ -18,8 +18,10 @@ from bridge.kernels.norm_lora import (
     norm_ref,
 )
 
-triton_cpu = pytest.mark.skipif(not (HAS_TRITON and interpreter_enabled()),
-                                reason="needs triton and TRITON_INTERPRET=1 (Triton on the CPU)")
+from tests.conftest import KERNEL_DEVICE as DEV
+from tests.conftest import requires_kernel_device
+
+triton_kernels = requires_kernel_device()
 
 # Relative-norm tolerances: fp32 (fp32 accumulation), fp16 (~2 ulp), bf16 (~1.3 ulp: the
 # interpreter rounds bf16 differently from torch, and ln is rounded before the GEMM).
@@ -31,8 +33,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _inputs(shape, n, r, dtype, norm, *, bias=True):
-    """Fresh random inputs (never zeros); x has an offset so LayerNorm's mean matters."""
+def _inputs(shape, n, r, dtype, norm, *, bias=True, device=DEV):
+    """Fresh random inputs (never zeros); x has an offset so LayerNorm's mean matters. Drawn on
+    the CPU (the same values on every device) and placed on ``device``."""
     k = shape[-1]
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)
@@ -45,7 +48,7 @@ def _inputs(shape, n, r, dtype, norm, *, bias=True):
         "lora_a": rnd(r, k) / k**0.5,
         "lora_b": rnd(n, r),
     }
-    return {name: None if v is None else v.to(dtype) for name, v in t.items()}
+    return {name: None if v is None else v.to(device=device, dtype=dtype) for name, v in t.items()}
 
 
 def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", zcg=False,
@@ -60,8 +63,8 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
     y, ln = norm_lora_linear(*leaves.values(), **kw, return_norm_output=True, seed=SEED,
                              backend="triton")
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(y.shape, generator=g).to(dtype)
-    gl = torch.randn(ln.shape, generator=g).to(dtype) if ln_grad else None
+    gy = torch.randn(y.shape, generator=g).to(DEV, dtype)
+    gl = torch.randn(ln.shape, generator=g).to(DEV, dtype) if ln_grad else None
     loss = (y.float() * gy.float()).sum() + ((ln.float() * gl.float()).sum() if ln_grad else 0)
     grads = torch.autograd.grad(loss, [leaves[k] for k in grad_names])
 
@@ -70,7 +73,7 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
     mask = None
     if p > 0:
         mshape = (*shape[:-1], n) if position == "post" else shape
-        mask = dropout_keep_mask(SEED, mshape, p, "cpu")
+        mask = dropout_keep_mask(SEED, mshape, p, DEV)
     ref = {k: v.double().requires_grad_(k in grad_names) if v is not None else None
            for k, v in t.items()}
     yr, lr = norm_lora_linear_ref(*ref.values(), **kw, dropout_mask=mask)
@@ -86,14 +89,14 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
         assert _rel(a, b) < tol, f"grad of {name}: {_rel(a, b):.2e}"
 
 
-@triton_cpu
+@triton_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
 def test_values_and_grads(dtype, norm):
     _run_case(dtype, norm, p=0.2)
 
 
-@triton_cpu
+@triton_kernels
 @pytest.mark.parametrize(
     "case",
     [
@@ -121,7 +124,7 @@ def test_shapes_and_options_fp32(case, norm):
     _run_case(torch.float32, norm, **case)
 
 
-@triton_cpu
+@triton_kernels
 def test_expanded_output_gradient():
     """y.sum().backward() hands the op a stride-0 dY; the kernels must not assume contiguity."""
     t = _inputs((4, 33), 10, 2, torch.float32, "LayerNorm")
@@ -138,7 +141,7 @@ def test_expanded_output_gradient():
         assert _rel(t[k].grad, ref[k].grad) < 2e-5, k
 
 
-@triton_cpu
+@triton_kernels
 def test_dropout_seed_reproducible_and_eval_has_none():
     t = _inputs((3, 40), 6, 4, torch.float32, "RMSNorm")
     kw = dict(normalization="RMSNorm", eps=1e-6, scale=1.0, dropout=0.5, backend="triton")
@@ -151,16 +154,16 @@ def test_dropout_seed_reproducible_and_eval_has_none():
     assert _rel(y_eval, y_ref) < 2e-5
 
 
-@triton_cpu
+@triton_kernels
 def test_row_pass_outputs():
     """mean/rstd are the fp32 statistics; S = keep(ln) A^T / (1 - p); large |mean| stays exact."""
     from bridge.kernels.philox import dropout_keep_mask
 
     m, k, r, p = 9, 200, 5, 0.25
-    x = torch.randn(m, k, dtype=torch.float64).float() * 0.1 + 300.0
-    nw, nb = torch.rand(k) + 0.5, torch.randn(k)
-    a = torch.randn(r, k)
-    seed = torch.tensor([SEED])
+    x = (torch.randn(m, k, dtype=torch.float64).float() * 0.1 + 300.0).to(DEV)
+    nw, nb = (torch.rand(k) + 0.5).to(DEV), torch.randn(k).to(DEV)
+    a = torch.randn(r, k).to(DEV)
+    seed = torch.tensor([SEED], device=DEV)
     ln, mean, rstd, s = norm_lora_row_fwd(x, nw, nb, a, seed, eps=1e-5, p=p, rms=False, shift=0.0,
                                           backend="triton")
     xd = x.double()
@@ -170,16 +173,16 @@ def test_row_pass_outputs():
     assert _rel(rstd, torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)) < 1e-3
     ln_ref = norm_ref(xd, nw.double(), nb.double(), normalization="LayerNorm", eps=1e-5)
     assert _rel(ln, ln_ref) < 1e-3
-    keep = dropout_keep_mask(SEED, (m, k), p, "cpu")
+    keep = dropout_keep_mask(SEED, (m, k), p, DEV)
     s_ref = (ln.double() * keep / (1 - p)) @ a.double().t()
     assert _rel(s, s_ref) < 1e-5
 
 
-@triton_cpu
+@triton_kernels
 @pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
 def test_opcheck(norm):
     t = _inputs((3, 24), 8, 2, torch.float32, norm)
-    seed = torch.tensor([SEED])
+    seed = torch.tensor([SEED], device=DEV)
     args = (t["x"], t["norm_weight"], t["norm_bias"], t["weight"], t["bias"], t["lora_a"],
             t["lora_b"], seed, 1e-5, 2.0, 0.2, False, norm == "RMSNorm", False, "triton")
     for v in (t["x"], t["norm_weight"], t["lora_a"], t["lora_b"]):
@@ -194,7 +197,7 @@ def test_opcheck(norm):
 
 
 def test_eager_backend_matches_reference():
-    t = _inputs((2, 3, 20), 7, 2, torch.float32, "LayerNorm")
+    t = _inputs((2, 3, 20), 7, 2, torch.float32, "LayerNorm", device="cpu")
     y, ln = norm_lora_linear(*t.values(), normalization="LayerNorm", eps=1e-5, scale=1.5,
                              return_norm_output=True, backend="eager")
     yr, lr = norm_lora_linear_ref(*t.values(), normalization="LayerNorm", eps=1e-5, scale=1.5)
@@ -214,7 +217,7 @@ def test_eager_backend_matches_reference():
     ],
 )
 def test_bad_input_raises(kwargs, message):
-    t = _inputs((4, 20), 6, 2, torch.float32, "LayerNorm")
+    t = _inputs((4, 20), 6, 2, torch.float32, "LayerNorm", device="cpu")
     args = dict(normalization="LayerNorm", eps=1e-5, scale=1.0)
     for name in ("norm_weight", "norm_bias"):
         if name in kwargs:
@@ -233,12 +236,16 @@ def test_cuda_row_limits():
     assert cuda_row_limits(4100, torch.float32)[0]
 
 
-@triton_cpu
-def test_backend_choice_on_cpu():
-    x, w = torch.randn(2, 8), torch.randn(4, 8)
+@triton_kernels
+def test_backend_choice():
+    x, w = torch.randn(2, 8, device=DEV), torch.randn(4, 8, device=DEV)
     choice = norm_lora_backend("auto", x, w)
-    assert choice.name == "triton" and "cuda:" in choice.reason
-    with pytest.raises(BackendUnavailableError, match="norm_lora_row_fwd"):
-        norm_lora_backend("cuda", x, w)
+    if DEV == "cpu":  # the interpreter: Triton, and why not the CUDA row pass
+        assert choice.name == "triton" and "cuda:" in choice.reason
+        with pytest.raises(BackendUnavailableError, match="norm_lora_row_fwd"):
+            norm_lora_backend("cuda", x, w)
+    else:  # a GPU: the CUDA row pass where bridge._C has it, else Triton; never eager
+        assert choice.name in ("cuda", "triton"), choice
+        assert norm_lora_backend("triton", x, w).name == "triton"
     frozen = norm_lora_backend("auto", x, w.requires_grad_(True))
     assert frozen.name == "eager" and "base weight requires grad" in frozen.reason

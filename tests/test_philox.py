@@ -1,5 +1,6 @@
 """The C++ Philox (csrc/philox.cuh, through the CPU op bridge::philox_uniform) reproduces Triton's
-``tl.rand`` bit for bit, so CUDA and Triton kernels draw the same dropout mask."""
+``tl.rand`` bit for bit, so CUDA and Triton kernels draw the same dropout mask. Triton runs on
+``KERNEL_DEVICE`` (tests/conftest.py): the interpreter here, the compiled ``tl.rand`` on a GPU."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import pytest
 import torch
 from bridge.kernels import _ext
 from bridge.kernels._triton_common import HAS_TRITON, tl, triton
-from bridge.kernels.backend import interpreter_enabled
 
-pytestmark = [
-    pytest.mark.skipif(not _ext.extension_status()[0], reason="bridge._C not built: "
-                       + _ext.extension_status()[1]),
-    pytest.mark.skipif(not (HAS_TRITON and interpreter_enabled()),
-                       reason="needs triton and TRITON_INTERPRET=1 (the CPU reference of tl.rand)"),
-]
+from tests.conftest import KERNEL_DEVICE as DEV
+from tests.conftest import requires_kernel_device
+
+pytestmark = pytest.mark.skipif(not _ext.extension_status()[0], reason="bridge._C not built: "
+                                + _ext.extension_status()[1])
+triton_kernels = requires_kernel_device()
 
 if HAS_TRITON:
 
@@ -28,13 +28,16 @@ if HAS_TRITON:
 
 
 def _triton_rand(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(offsets.shape, dtype=torch.float32)
+    """tl.rand on ``KERNEL_DEVICE``, returned on the CPU."""
+    seed, offsets = seed.to(DEV), offsets.to(DEV)
+    out = torch.empty(offsets.shape, dtype=torch.float32, device=DEV)
     _rand_kernel[(triton.cdiv(offsets.numel(), 1024),)](seed, offsets, out, offsets.numel(),
                                                       BLOCK=1024)
-    return out
+    return out.cpu()
 
 
 # Seeds: 0, small, the int32 edge, and one with a non-zero high word (key k1 != 0).
+@triton_kernels
 @pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**40 + 12345])
 def test_cpu_philox_matches_triton_bitwise(seed):
     # offsets: a dense run, and the int32 edges (negative offsets are wrapped row*K+col indices)
@@ -47,6 +50,7 @@ def test_cpu_philox_matches_triton_bitwise(seed):
     assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
 
 
+@triton_kernels
 def test_uniform_range_and_keep_rule_match_dropout_keep_mask():
     from bridge.kernels.philox import dropout_keep_mask
 
@@ -55,7 +59,7 @@ def test_uniform_range_and_keep_rule_match_dropout_keep_mask():
     offsets = torch.arange(rows * cols, dtype=torch.int32).view(rows, cols)
     u = torch.ops.bridge.philox_uniform(seed_t, offsets)
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
-    assert torch.equal(u >= p, dropout_keep_mask(seed_t, (rows, cols), p, "cpu"))
+    assert torch.equal(u >= p, dropout_keep_mask(seed_t, (rows, cols), p, DEV).cpu())
 
 
 def test_offsets_are_truncated_to_32_bits():

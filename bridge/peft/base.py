@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -31,6 +32,7 @@ class PEFT(ABC):
 
     def __post_init__(self) -> None:
         self.params_to_save: set[str] = set()
+        self._matched: set[str] = set()
 
     @abstractmethod
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
@@ -38,6 +40,7 @@ class PEFT(ABC):
 
     def __call__(self, model, training: bool = True):
         chunks = _chunks(model)
+        self._matched = set()
         self.freeze_model(model, training=training)
         for chunk in chunks:
             inner = getattr(chunk, "module", None)
@@ -45,7 +48,34 @@ class PEFT(ABC):
             map_modules(target, self.transform)
         if not training:
             self.freeze_model(model, training=training)
+        unmatched = [p for p in self.target_patterns() if p not in self._matched]
+        if unmatched:
+            warnings.warn(f"{type(self).__name__} target_modules matched no module: {unmatched}",
+                          stacklevel=2)
         return model
+
+    def target_patterns(self) -> list[str]:
+        """The patterns the transform targets (each should match something; see __call__)."""
+        mapping = getattr(self, "canonical_mapping", None)
+        return list(mapping) if mapping else list(getattr(self, "target_modules", None) or [])
+
+    def record_match(self, pattern: str) -> None:
+        """Note that ``pattern`` matched a module in this application."""
+        self._matched.add(pattern)
+
+    def keep_wrapped(self, module: nn.Module, match) -> nn.Module:
+        """A module this (or an earlier) application already wrapped: count the match and keep
+        its adapter trainable (``__call__`` froze every parameter first), so applying a
+        transform twice equals applying it once."""
+        if match is not None:
+            self.record_match(match[0])
+            for name, child in module.named_children():
+                if name != "to_wrap":
+                    child.requires_grad_(True)
+            for name, p in module.named_parameters(recurse=False):
+                if name not in ("weight", "bias"):  # a LinearAdapter's own weight/bias are base
+                    p.requires_grad_(True)
+        return module
 
     def freeze_model(self, model, training: bool = True) -> None:
         """requires_grad False on every parameter; train() or eval() per ``training``."""

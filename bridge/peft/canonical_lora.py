@@ -20,7 +20,6 @@ split on N like its share of the base, held in an ``nn.ModuleDict`` under ``adap
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -242,16 +241,6 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
             else:
                 key = target
             self.canonical_mapping.setdefault(key, set()).add(base)
-        self._matched: set[str] = set()
-
-    def __call__(self, model, training: bool = True):
-        self._matched = set()
-        model = super().__call__(model, training=training)
-        unmatched = [p for p in self.canonical_mapping if p not in self._matched]
-        if unmatched:
-            warnings.warn(f"CanonicalLoRA target_modules matched no module: {unmatched}",
-                          stacklevel=2)
-        return model
 
     def _adapter(self, module: nn.Module, full_name: str, out_features: int | None = None):
         is_expert = is_expert_linear(full_name)
@@ -276,13 +265,11 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
         LoRALinear elsewhere (idempotent)."""
         ans = self.match(module, name, prefix)
         if isinstance(module, AdapterWrapper):
-            if ans is not None:
-                self._matched.add(ans[0])
-            return module
+            return self.keep_wrapped(module, ans)
         if ans is None:
             return module
         pattern, full_name = ans
-        self._matched.add(pattern)
+        self.record_match(pattern)
         parts = self.canonical_mapping[pattern]
         logger.info("Adding canonical LoRA %s to %s", sorted(parts), full_name)
         if parts <= set(QKV_PARTS):

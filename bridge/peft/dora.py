@@ -7,7 +7,6 @@ covers whole rows under tensor parallelism.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -59,27 +58,16 @@ class DoRA(PEFT, ModuleMatcher):
         PEFT.__post_init__(self)
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
                               (self.lora_A_init_method, self.lora_B_init_method))
-        self._matched: set[str] = set()
-
-    def __call__(self, model, training: bool = True):
-        self._matched = set()
-        model = super().__call__(model, training=training)
-        unmatched = [p for p in self.target_modules if p not in self._matched]
-        if unmatched:
-            warnings.warn(f"DoRA target_modules matched no module: {unmatched}", stacklevel=2)
-        return model
 
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Wrap ``module`` in DoRA if it matches (idempotent: wrapped modules are left alone)."""
         ans = self.match(module, name, prefix)
         if isinstance(module, AdapterWrapper):
-            if ans is not None:
-                self._matched.add(ans[0])
-            return module
+            return self.keep_wrapped(module, ans)
         if ans is None:
             return module
         pattern, full_name = ans
-        self._matched.add(pattern)
+        self.record_match(pattern)
         is_expert = is_expert_linear(full_name)
         input_is_parallel, in_features, out_features, disable_sp_comm, base_is_parallel = (
             get_adapter_attributes_from_linear(module, is_expert=is_expert)

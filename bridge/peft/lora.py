@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -57,31 +56,12 @@ class LoRA(PEFT, ModuleMatcher):
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
                               (self.lora_A_init_method, self.lora_B_init_method))
         self.kernel_backend = validate_backend_name(self.kernel_backend, what="kernel_backend")
-        self._matched: set[str] = set()
-
-    def __call__(self, model, training: bool = True):
-        self._matched = set()
-        model = super().__call__(model, training=training)
-        patterns = list(self.canonical_mapping) if self.canonical_mapping else self.target_modules
-        unmatched = [p for p in patterns if p not in self._matched]
-        if unmatched:
-            warnings.warn(f"LoRA target_modules matched no module: {unmatched}", stacklevel=2)
-        return model
 
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Wrap ``module`` in LoRA if it matches; an already wrapped module is left alone (so the
         transform is idempotent)."""
         if isinstance(module, (AdapterWrapper, LinearAdapter)):
-            ans = self.match(module, name, prefix)
-            if ans is not None:
-                self._matched.add(ans[0])
-                # __call__ froze every parameter first; a second application leaves the adapter
-                # trainable, as the first one did.
-                factors = (module.adapter,) if isinstance(module, AdapterWrapper) \
-                    else (module.lora_a, module.lora_b)
-                for factor in factors:
-                    factor.requires_grad_(True)
-            return module
+            return self.keep_wrapped(module, self.match(module, name, prefix))
         ans = self.match(module, name, prefix)
         if ans is None:
             return module
@@ -90,7 +70,7 @@ class LoRA(PEFT, ModuleMatcher):
             # A wildcard also matches containers ('decoder.layers.0.*' matches '...0.mlp'):
             # those are walked into, not wrapped. An exact name must be a linear.
             return module
-        self._matched.add(pattern)
+        self.record_match(pattern)
         if isinstance(module, nn.Linear) and not is_te_module(module):
             return LinearAdapter(
                 module, dim=self.dim, alpha=self.alpha, dropout=self.dropout,
