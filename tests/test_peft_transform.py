@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bridge.peft import LinearAdapter, LoRA, ModuleMatcher
+from bridge.peft import DoRA, LinearAdapter, LoRA, ModuleMatcher
 
 H = 8
 ALL_LINEARS = {f"layers.{i}.{n}" for i in range(2) for n in
@@ -253,3 +253,16 @@ def test_exact_name_of_a_non_linear_raises_naming_the_class():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(TypeError, match="layer type ReLU is not supported for LoRA"):
         LoRA(target_modules=["1"], dim=2)(model)
+
+
+@pytest.mark.parametrize("cls", [LoRA, DoRA])
+def test_second_application_keeps_the_adapters_trainable(cls):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    transform = cls(target_modules=["0"], dim=2)
+    transform(model)
+    first = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    transform(model)
+    second = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert first and first == second
+    assert not any(n.endswith(("to_wrap.weight", "to_wrap.bias", "0.weight", "0.bias"))
+                   for n in second)
