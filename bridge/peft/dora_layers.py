@@ -66,21 +66,6 @@ class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
     def get_weight_magnitude(self) -> torch.Tensor:
         return self.weight_magnitude
 
-    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B(A(x)) without dropout (the caller drops x once, for both DoRA terms)."""
-        if self._megatron and not self.disable_sequence_parallel_comm \
-                and not self.input_is_parallel:
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-            x = gather_from_sequence_parallel_region(x)
-        x = x.to(self.linear_in.weight.dtype)
-        x = self._linear(self.linear_out, self.activation(self._linear(self.linear_in, x)))
-        if self._megatron and self.sequence_parallel and self.input_is_parallel:
-            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-
-            x = scatter_to_sequence_parallel_region(x)
-        return x * self.scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA term alone (with dropout); DoRALinear composes the DoRA output."""
         if self.dropout is not None:

@@ -145,10 +145,15 @@ class LinearAdapter(nn.Linear):
         res = F.linear(x, self.weight, self.bias)
         if self.dropout_position == "pre":
             x = self.dropout(x)
-        lora_res = self.lora_b(self.lora_a(x.to(self.lora_a.weight.dtype)))
+        # The scale goes on the [..., r] intermediate, not on the [..., N] output (linear in it),
+        # and the add rides in the second GEMM (addmm): two passes over the output fewer.
+        s = self.lora_a(x.to(self.lora_a.weight.dtype)) * self.scale
         if self.dropout_position == "post":
-            lora_res = self.dropout(lora_res)
-        return res + (lora_res * self.scale).to(res.dtype)
+            return res + self.dropout(self.lora_b(s)).to(res.dtype)
+        n, r = self.lora_b.weight.shape
+        out = torch.addmm(res.reshape(-1, n), s.reshape(-1, r).to(res.dtype),
+                          self.lora_b.weight.t().to(res.dtype))
+        return out.view(res.shape)
 
 
 def patch_linear_module(orig_linear: nn.Linear, **kwargs) -> LinearAdapter:

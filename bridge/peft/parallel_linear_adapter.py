@@ -187,20 +187,26 @@ class ParallelLinearAdapter(nn.Module):
         """x: the base's input (or layernorm output) [..., K or K/tp]; returns [..., N or N/tp]."""
         if self.dropout is not None and self.dropout_position == "pre":
             x = self.dropout(x)
+        x = self.lora_output(x)
+        if self.dropout is not None and self.dropout_position == "post":
+            x = self.dropout(x)
+        return x
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B(act(A(x))) without dropout, with the sequence-parallel gather/scatter."""
         if self._megatron and not self.disable_sequence_parallel_comm and not self.input_is_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             x = gather_from_sequence_parallel_region(x)
-        x = self._linear(self.linear_in, x)
-        x = self.activation(x)
-        x = self._linear(self.linear_out, x)
+        x = self._linear(self.linear_in, x.to(self.linear_in.weight.dtype))
+        # Everything after the activation is linear, so the scale goes on the [..., r]
+        # intermediate instead of the [..., N] output: one pass over the output fewer.
+        x = self._linear(self.linear_out, self.activation(x) * self.scale)
         if self._megatron and self.sequence_parallel and self.input_is_parallel:
             from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
             x = scatter_to_sequence_parallel_region(x)
-        if self.dropout is not None and self.dropout_position == "post":
-            x = self.dropout(x)
-        return x * self.scale
+        return x
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """linear_in's and linear_out's sharded tensors (replicated for plain nn.Linear)."""
