@@ -69,7 +69,7 @@ EAGER_CASES = [
 ]
 # The Triton path runs in the CPU interpreter: the tiniest shapes only.
 TRITON_CASES = [Case(kind, sp=sp, backend="triton", skip_bias_add=sp, seq=4, batch=1)
-                for kind in ("column", "row") for sp in (False, True)]
+                for kind in ("column", "row", "lncol") for sp in (False, True)]
 
 
 # ---- one case, at any TP size (shared by the TP=2 ranks and the TP=1 oracle) --------------------

@@ -1,0 +1,139 @@
+"""LoRALinear through the fused kernels (Triton, interpreted here) equals its eager module path,
+for every base the fused path takes: megatron Column/RowParallelLinear, nn.Linear, bridge's
+LayerNormColumnParallelLinear and a transformer-engine-shaped LayerNorm linear (no TE import),
+in all the return patterns they produce; values and the gradients of x, A, B and the norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import requires_kernel_device
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install -e .[test])")
+
+pytestmark = [requires_kernel_device(), pytest.mark.usefixtures("megatron_tp1")]
+K, N, R = 40, 24, 5
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+class TELayerNormColumnParallelLinear(nn.Module):
+    """Shaped like megatron's TE wrapper: attributes and returns, computed in torch."""
+
+    def __init__(self, config, k, n, *, normalization, skip_bias_add, zero_centered_gamma=False):
+        super().__init__()
+        self.config, self.in_features, self.out_features = config, k, n
+        self.parallel_mode = "column"
+        self.normalization, self.eps = normalization, 1e-5
+        self.zero_centered_gamma = zero_centered_gamma
+        self.te_return_bias = skip_bias_add
+        self.return_layernorm_output = False
+        self.weight = nn.Parameter(torch.randn(n, k) * 0.2)
+        self.bias = nn.Parameter(torch.randn(n))
+        self.layer_norm_weight = nn.Parameter(torch.randn(k) * 0.3 + (0 if zero_centered_gamma else 1))
+        self.layer_norm_bias = nn.Parameter(torch.randn(k) * 0.3) if normalization == "LayerNorm" \
+            else None
+
+    def forward(self, x):
+        gamma = self.layer_norm_weight + (1 if self.zero_centered_gamma else 0)
+        if self.normalization == "LayerNorm":
+            ln = F.layer_norm(x, (self.in_features,), gamma, self.layer_norm_bias, self.eps)
+        else:
+            ln = F.rms_norm(x, (self.in_features,), gamma, self.eps)
+        out = F.linear(ln, self.weight, None if self.te_return_bias else self.bias)
+        if self.te_return_bias:
+            return (out, self.bias, ln) if self.return_layernorm_output else (out, self.bias)
+        return ((out, ln) if self.return_layernorm_output else out), None
+
+
+def build(kind: str, skip_bias_add: bool, normalization: str = "LayerNorm", zcg: bool = False):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from bridge.layers import LayerNormColumnParallelLinear
+    from tests.megatron_utils import make_config
+
+    torch.manual_seed(0)
+    cfg = make_config(hidden_size=K, normalization=normalization,
+                      layernorm_zero_centered_gamma=zcg)
+    init = lambda w: nn.init.normal_(w, std=0.2)  # noqa: E731
+    common = dict(config=cfg, init_method=init, bias=True, skip_bias_add=skip_bias_add)
+    if kind == "column":
+        return ColumnParallelLinear(K, N, gather_output=False, **common)
+    if kind == "row":
+        return RowParallelLinear(K, N, input_is_parallel=True, **common)
+    if kind == "linear":
+        return nn.Linear(K, N)
+    if kind == "lncol":
+        base = LayerNormColumnParallelLinear(K, N, gather_output=False, **common)
+        with torch.no_grad():
+            base.layer_norm_weight.normal_(0 if zcg else 1, 0.3)
+            if base.layer_norm_bias is not None:
+                base.layer_norm_bias.normal_(0, 0.3)
+        return base
+    return TELayerNormColumnParallelLinear(cfg, K, N, normalization=normalization,
+                                           skip_bias_add=skip_bias_add, zero_centered_gamma=zcg)
+
+
+def run(kind, backend, skip_bias_add, **kw):
+    from bridge.peft import AdapterWrapper, LoRALinear, ParallelLinearAdapter
+    from bridge.peft.lora import LoRA
+
+    base = build(kind, skip_bias_add, **kw)
+    model = nn.Module()
+    if kind == "linear":  # LoRA would make a LinearAdapter: wrap it as Megatron-Bridge users can
+        torch.manual_seed(1)
+        adapter = ParallelLinearAdapter(K, N, R, activation="identity", alpha=10,
+                                        row_init_method="normal")
+        model.proj = LoRALinear(base, adapter, kernel_backend=backend)
+        base.requires_grad_(False)
+    else:
+        model.proj = base
+        torch.manual_seed(1)
+        LoRA(target_modules=["proj"], dim=R, alpha=10, lora_B_init_method="normal",
+             kernel_backend=backend)(model)
+    wrapper = model.proj
+    assert isinstance(wrapper, AdapterWrapper)
+    norm = [p for n, p in base.named_parameters() if n.startswith("layer_norm")]
+    for p in norm:  # trainable here, to check the fused norm backward too
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, K, generator=g).requires_grad_(True)
+    out = wrapper(x)
+    y, bias = (out, None) if isinstance(out, torch.Tensor) else out
+    (y * torch.randn(y.shape, generator=g)).sum().backward()
+    a, b = wrapper.adapter.linear_in.weight, wrapper.adapter.linear_out.weight
+    return {"y": y, "bias": bias, "bare": isinstance(out, torch.Tensor), "dx": x.grad,
+            "dA": a.grad, "dB": b.grad, **{f"d_norm{i}": p.grad for i, p in enumerate(norm)}}
+
+
+CASES = [("column", False, {}), ("column", True, {}), ("row", False, {}), ("row", True, {}),
+         ("linear", False, {}),
+         ("lncol", False, {}), ("lncol", True, {}), ("lncol", False, {"normalization": "RMSNorm"}),
+         ("lncol", True, {"zcg": True}),
+         ("te", False, {}), ("te", True, {"normalization": "RMSNorm"})]
+
+
+@pytest.mark.parametrize("kind, skip_bias_add, kw", CASES,
+                         ids=[f"{k}-{'skip' if s else 'bias'}-{'-'.join(map(str, kw.values()))}"
+                              for k, s, kw in CASES])
+def test_fused_equals_eager(kind, skip_bias_add, kw):
+    eager = run(kind, "eager", skip_bias_add, **kw)
+    fused = run(kind, "triton", skip_bias_add, **kw)
+    assert fused.keys() == eager.keys()
+    assert fused["bare"] == eager["bare"] == (kind == "linear")
+    for key, ref in eager.items():
+        if isinstance(ref, torch.Tensor):
+            torch.testing.assert_close(fused[key].detach(), ref.detach(), **TOL, msg=key)
+        else:
+            assert fused[key] == ref, key
+    # the bias comes back separately exactly when skip_bias_add asks for it
+    assert (eager["bias"] is not None) == (skip_bias_add and kind != "linear")
+
+
+def test_te_stand_in_takes_the_norm_fused_path():
+    from bridge.peft.fused_forward import base_kind
+
+    base = build("te", False)
+    assert base_kind(base) == ("norm", "")
