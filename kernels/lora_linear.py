@@ -609,7 +609,8 @@ def _launch_fused_gemm(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     on, seed_arg, p_arg, keep = _dropout_args(seed, p, y)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _kernel(_lora_linear_fwd_kernel, "fwd_two_acc" if on else "fwd", x2d.device)[grid](
-        x2d, weight, bias if bias is not None else y, s_mat.contiguous(), lora_b, y, seed_arg,
+        x2d, weight, bias.contiguous() if bias is not None else y, s_mat.contiguous(), lora_b, y,
+        seed_arg,
         m, n, k, r, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         lora_b.stride(0), lora_b.stride(1), float(scale), p_arg, keep,
         HAS_BIAS=bias is not None, POST_DROPOUT=on,
@@ -629,7 +630,7 @@ def _launch_dsdb(dy2d: torch.Tensor, lora_b: torch.Tensor, s_mat: torch.Tensor, 
     r = lora_b.shape[1]
     ds = torch.empty((m, r), dtype=torch.float32, device=dy2d.device)
     if m == 0:
-        return ds, torch.zeros_like(lora_b)
+        return ds, lora_b.new_zeros(lora_b.shape)  # contiguous, as the fake says
     arch = current_arch(dy2d.device)
     block_m, block_r = _DSDB_BLOCK_M[arch], rank_block(r)
     tiles_m = triton.cdiv(m, block_m)

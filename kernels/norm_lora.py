@@ -416,7 +416,8 @@ def _row_fwd_triton(x2d, norm_weight, norm_bias, lora_a, seed, *, eps, p, rms, s
     block_r = rank_block(r)
     grid = (triton.cdiv(m, cfg.fwd_block_m), triton.cdiv(r, block_r))
     _norm_lora_fwd_kernel[grid](
-        x2d, norm_weight.contiguous(), norm_bias if norm_bias is not None else norm_weight,
+        x2d, norm_weight.contiguous(),
+        norm_bias.contiguous() if norm_bias is not None else norm_weight,
         lora_a, seed, ln, mean, rstd, s, m, k, r, x2d.stride(0), float(eps), float(p),
         float(shift), IS_RMS=rms, HAS_BIAS=norm_bias is not None, HAS_DROPOUT=p > 0.0,
         BLOCK_M=cfg.fwd_block_m, BLOCK_K=cfg.fwd_block_k, BLOCK_R=block_r,
@@ -453,7 +454,8 @@ def _row_bwd_triton(x2d, dln, dln_out, norm_weight, norm_bias, mean, rstd, ds, s
     db_part = torch.empty((groups, k), **f32)
     da_part = torch.empty((groups, r, k), **f32)
     _norm_lora_bwd_col_kernel[(col_tiles, groups, r_tiles)](
-        x2d, dln, go, nw, norm_bias if norm_bias is not None else nw, mean, rstd, ds, seed,
+        x2d, dln, go, nw, norm_bias.contiguous() if norm_bias is not None else nw, mean, rstd, ds,
+        seed,
         dw_part, db_part, da_part, m, k, r, groups, x2d.stride(0), dln.stride(0), dln.stride(1),
         go.stride(0), go.stride(1), float(p), float(shift), HAS_BIAS=norm_bias is not None,
         HAS_DROPOUT=p > 0.0, BLOCK_M=cfg.col_block_m, BLOCK_K=cfg.col_block_k, BLOCK_R=block_r,

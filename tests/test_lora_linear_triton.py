@@ -306,3 +306,42 @@ def test_triton_unavailable_without_interpreter(monkeypatch, caplog):
                for r in caplog.records)
     ref = lora_linear_ref(x, w, b, a, bb, scale=1.0)
     assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("pos", ["pre", "post"])
+def test_non_contiguous_parameters(pos):
+    # the base weight as a transposed view, lora_a/lora_b as transposed views of their leaves,
+    # and the bias as a strided slice (stride 2) and as an expanded scalar (stride 0): the
+    # kernels must honour every stride, the bias's included
+    k, n, r = 40, 24, 8
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, k, generator=g).to(DEV).requires_grad_()
+    w = (torch.randn(k, n, generator=g) / k**0.5).to(DEV).t()
+    a_t = (torch.randn(k, r, generator=g) / k**0.5).to(DEV).requires_grad_()
+    b_t = torch.randn(r, n, generator=g).to(DEV).requires_grad_()
+    b_full = torch.randn(2 * n, generator=g).to(DEV).requires_grad_()
+    for bias in (b_full[::2], torch.randn(1, generator=g).to(DEV).expand(n)):
+        for t in (x, a_t, b_t, b_full):
+            t.grad = None
+        y = lora_linear(x, w, bias, a_t.t(), b_t.t(), scale=0.5, dropout=0.1,
+                        dropout_position=pos, seed=SEED, backend="triton")
+        dy = torch.randn(y.shape, generator=g).to(DEV)
+        y.backward(dy)
+        mask = dropout_keep_mask(SEED, x.shape if pos == "pre" else y.shape, 0.1, DEV)
+        r64 = [t.detach().double().requires_grad_() for t in (x, a_t, b_t)]
+        y_ref = lora_linear_ref(r64[0], w.double(), bias.detach().double(), r64[1].t(),
+                                r64[2].t(), scale=0.5, dropout=0.1, dropout_mask=mask,
+                                dropout_position=pos)
+        y_ref.backward(dy.double())
+        assert _rel(y, y_ref) < 1e-5
+        for t, t_ref in zip((x, a_t, b_t), r64, strict=True):
+            assert _rel(t.grad, t_ref.grad) < 1e-5
+
+
+def test_opcheck_empty_batch_non_contiguous_lora_b():
+    # M = 0: dB is zeros; its strides must match the fake's (contiguous) whatever lora_b's are
+    w, a = torch.randn(20, 24, device=DEV), torch.randn(4, 24, device=DEV)
+    b_t = torch.randn(4, 20, device=DEV).t()
+    torch.library.opcheck(torch.ops.bridge.lora_linear_bwd.default,
+                          (torch.randn(0, 20, device=DEV), torch.randn(0, 24, device=DEV), w, a,
+                           b_t, torch.empty(0, 4, device=DEV), None, 2.0, 0.0, False, True))

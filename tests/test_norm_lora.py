@@ -249,3 +249,40 @@ def test_backend_choice():
         assert norm_lora_backend("triton", x, w).name == "triton"
     frozen = norm_lora_backend("auto", x, w.requires_grad_(True))
     assert frozen.name == "eager" and "base weight requires grad" in frozen.reason
+
+
+@triton_kernels
+@pytest.mark.parametrize("p,position", [(0.0, "pre"), (0.2, "pre")])
+def test_strided_norm_bias(p, position):
+    """A LayerNorm bias given as a strided view (stride 2) or expanded (stride 0): the row
+    kernels must read it with its stride, in the forward and in the recomputation of ln."""
+    t = _inputs((5, 40), 12, 4, torch.float32, "LayerNorm")
+    g = torch.Generator().manual_seed(2)
+    nb_full = (torch.randn(80, generator=g) * 0.5).to(DEV).requires_grad_()
+    names = ("x", "norm_weight", "lora_a", "lora_b")
+    for nb_of in (lambda full: full[::2], lambda full: full[:1].expand(40)):
+        leaves = {k: v.clone().requires_grad_(k in names) for k, v in t.items() if v is not None}
+        nb_full.grad = None
+        kw = dict(normalization="LayerNorm", eps=1e-5, scale=2.0, dropout=p,
+                  dropout_position=position)
+        y, ln = norm_lora_linear(leaves["x"], leaves["norm_weight"], nb_of(nb_full),
+                                 leaves["weight"], leaves["bias"], leaves["lora_a"],
+                                 leaves["lora_b"], **kw, return_norm_output=True, seed=SEED,
+                                 backend="triton")
+        gy = torch.randn(y.shape, generator=g).to(DEV)
+        (y * gy).sum().backward()
+
+        from bridge.kernels.philox import dropout_keep_mask
+
+        mask = dropout_keep_mask(SEED, (5, 40), p, DEV) if p > 0 else None
+        ref = {k: v.detach().double().requires_grad_(k in names) for k, v in t.items()
+               if v is not None}
+        nb_ref = nb_full.detach().double().requires_grad_()
+        yr, lr = norm_lora_linear_ref(ref["x"], ref["norm_weight"], nb_of(nb_ref), ref["weight"],
+                                      ref["bias"], ref["lora_a"], ref["lora_b"], **kw,
+                                      dropout_mask=mask)
+        (yr * gy.double()).sum().backward()
+        assert _rel(y, yr) < 2e-5 and _rel(ln, lr) < 2e-5
+        for k in names:
+            assert _rel(leaves[k].grad, ref[k].grad) < 2e-5, k
+        assert _rel(nb_full.grad, nb_ref.grad) < 2e-5
