@@ -638,17 +638,24 @@ def cuda_row_limits(k: int, dtype: torch.dtype) -> tuple[bool, str]:
 def norm_lora_backend(
     requested: str | None, x: torch.Tensor, weight: torch.Tensor,
     constraints: tuple[tuple[bool, str], ...] | list[tuple[bool, str]] = (),
+    norm_params: tuple[torch.Tensor | None, ...] = (),
 ) -> BackendChoice:
     """The backend of the row pass ('cuda' | 'triton' | 'eager') and why; GEMMs are Triton
     whenever the row pass is not eager, so 'cuda' also needs Triton to run here.
-    ``constraints``: the caller's extra (ok, reason) checks."""
+    ``constraints``: the caller's extra (ok, reason) checks. ``norm_params``: the norm weight and
+    bias (the CUDA row kernels take them in x's dtype only; Triton takes any float dtype)."""
     frozen = (not weight.requires_grad,
               "the base weight requires grad (the fused op treats it as frozen)")
     ok, why = probe_triton(x.device, x.dtype)
     gemms = (ok, f"the GEMMs run on Triton, which cannot run here ({why})")
+    odd = sorted({str(p.dtype).replace("torch.", "") for p in norm_params
+                  if p is not None and p.dtype != x.dtype})
+    same_dtype = (not odd, f"norm parameters in {', '.join(odd)}, the CUDA row kernels take "
+                           f"x's dtype ({str(x.dtype).replace('torch.', '')}) only")
     return resolve_backend(requested, OP_NAME, device=x.device, dtype=x.dtype, cuda_op=True,
                            constraints=[frozen, *constraints],
-                           cuda_constraints=[cuda_row_limits(x.shape[-1], x.dtype), gemms])
+                           cuda_constraints=[cuda_row_limits(x.shape[-1], x.dtype), gemms,
+                                             same_dtype])
 
 
 def norm_lora_linear(
@@ -690,7 +697,7 @@ def norm_lora_linear(
     check_lora_args(x, weight, bias, lora_a, lora_b)
     check_norm_args(normalization, eps, norm_weight, norm_bias, x.shape[-1])
     check_dropout(dropout, dropout_position)
-    choice = norm_lora_backend(backend, x, weight)
+    choice = norm_lora_backend(backend, x, weight, norm_params=(norm_weight, norm_bias))
     if choice.name == "eager":
         ln = norm_ref(x, norm_weight, norm_bias, normalization=normalization, eps=eps,
                       zero_centered_gamma=zero_centered_gamma)

@@ -286,3 +286,21 @@ def test_strided_norm_bias(p, position):
         for k in names:
             assert _rel(leaves[k].grad, ref[k].grad) < 2e-5, k
         assert _rel(nb_full.grad, nb_ref.grad) < 2e-5
+
+
+def test_norm_params_in_another_dtype_keep_auto_off_the_cuda_row_pass(monkeypatch):
+    """The CUDA row kernels take the norm parameters in x's dtype only: with fp32 norm weights
+    and bf16 x, auto must move on to Triton (and an explicit 'cuda' must say why)."""
+    import bridge.kernels.backend as backend
+
+    monkeypatch.setattr(backend, "probe_cuda", lambda device, dtype, op: (True, ""))
+    monkeypatch.setattr(backend, "probe_triton", lambda device, dtype: (True, ""))
+    monkeypatch.setattr("bridge.kernels.norm_lora.probe_triton", lambda device, dtype: (True, ""))
+    x, w = torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(4, 16, dtype=torch.bfloat16)
+    gamma = torch.ones(16)
+    choice = norm_lora_backend("auto", x, w, norm_params=(gamma, None))
+    assert choice.name == "triton" and "norm parameters in float32" in choice.reason
+    with pytest.raises(BackendUnavailableError, match="norm parameters in float32"):
+        norm_lora_backend("cuda", x, w, norm_params=(gamma, None))
+    same = norm_lora_backend("auto", x, w, norm_params=(gamma.bfloat16(), None))
+    assert same.name == "cuda"
