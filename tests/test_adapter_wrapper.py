@@ -300,3 +300,16 @@ def test_sharded_state_dict_of_an_nn_linear_wrapper(megatron_tp1):
         assert st.local_shape == tuple(params[key].shape)
         assert st.global_offset == (0,) * params[key].dim()
         assert st.replica_id == (0, 0, 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_lora_linear_with_any_adapter_module(backend):
+    """Megatron-Bridge's LoRALinear takes any nn.Module as its adapter (not only a
+    ParallelLinearAdapter): the fused-path checks must fall back, not fail on ``linear_in``."""
+    base = PatternBase("out_bias")
+    adapter = nn.Sequential(nn.Linear(K, 2, bias=False), nn.Linear(2, N, bias=False))
+    wrapper = LoRALinear(base, adapter, kernel_backend=backend)
+    x = randn(3, K)
+    out, bias = wrapper(x)
+    torch.testing.assert_close(out, x @ base.weight.t() + adapter(x))
+    assert bias is base.bias

@@ -294,3 +294,27 @@ def test_tensor_parallel_2_equals_1(tmp_path):
     from tests.megatron_utils import spawn_gloo
 
     spawn_gloo(_tp_worker, str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["gather_output", "row_input_not_parallel"])
+def test_tp_bases_with_whole_input_or_output_are_refused_at_tp2(megatron_tp1, monkeypatch, kind):
+    """DoRA's per-shard norm would be wrong for these bases at TP > 1: a clear error instead."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from tests.megatron_utils import make_config
+
+    cfg = make_config()
+    model = nn.Module()
+    if kind == "gather_output":
+        model.linear_fc1 = ColumnParallelLinear(64, 32, config=cfg, init_method=nn.init.normal_,
+                                                bias=False, gather_output=True)
+    else:
+        model.linear_fc1 = RowParallelLinear(64, 32, config=cfg, init_method=nn.init.normal_,
+                                             bias=False, input_is_parallel=False,
+                                             skip_bias_add=False)
+    monkeypatch.setattr("bridge.peft.dora._tp_size", lambda is_expert=False: 2)
+    with pytest.raises(NotImplementedError, match="not supported at TP > 1"):
+        DoRA(target_modules=["linear_fc1"], dim=4)(model)
+    monkeypatch.setattr("bridge.peft.dora._tp_size", lambda is_expert=False: 1)
+    DoRA(target_modules=["linear_fc1"], dim=4)(model)  # TP = 1: fine
+    assert isinstance(model.linear_fc1, DoRALinear)

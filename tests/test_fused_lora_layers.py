@@ -137,3 +137,23 @@ def test_te_stand_in_takes_the_norm_fused_path():
 
     base = build("te", False)
     assert base_kind(base) == ("norm", "")
+
+
+def test_input_in_another_dtype_takes_the_eager_path_and_says_why(caplog):
+    """An fp64 input to an fp32 base (as under autocast) must not reach the one-dtype fused op:
+    auto hands the call to the eager path (and logs why), an explicit 'triton' raises."""
+    from bridge.kernels.backend import BackendUnavailableError
+
+    from bridge.peft.fused_forward import fused_lora_forward
+    from bridge.peft.lora import LoRA
+
+    model = nn.Module()
+    model.proj = build("row", False)  # a fresh op name in the log: row bases log as lora_linear
+    LoRA(target_modules=["proj"], dim=R, kernel_backend="triton")(model)
+    x = torch.randn(3, 2, K, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="input is torch.float64"):
+        model.proj(x)
+    model.proj.kernel_backend = "auto"
+    with caplog.at_level("WARNING", logger="bridge.kernels"):
+        assert fused_lora_forward(model.proj, x, (), {}) is None
+    assert fused_lora_forward(model.proj, x.float(), (), {}) is not None

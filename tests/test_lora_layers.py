@@ -433,3 +433,25 @@ def test_te_linear_stand_in_duplicated_and_by_parallel_mode():
 
 def test_nn_linear_attributes():
     assert get_adapter_attributes_from_linear(nn.Linear(7, 3)) == (False, 7, 3, True, False)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_duplicated_te_linear_adapter_grads_are_marked_for_the_tp_reduction(sp):
+    """A duplicated TELinear sees only this rank's sequence shard under sequence parallelism, so
+    megatron marks its weight ``sequence_parallel`` (grads all-reduced over TP); the adapter's
+    replicated factors (and DoRA's magnitude) need the same mark, or they are never summed."""
+    from bridge.peft import DoRA
+
+    model = nn.Module()
+    model.linear_q_down_proj = TELinear(sequence_parallel=sp)
+    LoRA(target_modules=["linear_q_down_proj"], dim=2)(model)
+    adapter = model.linear_q_down_proj.adapter
+    for p in (adapter.linear_in.weight, adapter.linear_out.weight):
+        assert getattr(p, "sequence_parallel", False) is sp
+    model = nn.Module()
+    model.linear_q_down_proj = TELinear(sequence_parallel=sp)
+    model.linear_q_down_proj.weight = nn.Parameter(torch.randn(24, 16))
+    DoRA(target_modules=["linear_q_down_proj"], dim=2)(model)
+    adapter = model.linear_q_down_proj.adapter
+    for p in (adapter.linear_in.weight, adapter.linear_out.weight, adapter.weight_magnitude):
+        assert getattr(p, "sequence_parallel", False) is sp

@@ -266,3 +266,40 @@ def test_second_application_keeps_the_adapters_trainable(cls):
     assert first and first == second
     assert not any(n.endswith(("to_wrap.weight", "to_wrap.bias", "0.weight", "0.bias"))
                    for n in second)
+
+
+def test_adapter_key_filter_on_sharded_state_dict_items(megatron_tp1):
+    """(key, ShardedTensor/ShardedObject) pairs of a sharded state dict: a sharded tensor is kept
+    when its tensor is trainable, anything else by its key (not by the value's repr)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    peft = lora()
+    model = quiet(peft, toy())
+    peft.set_params_to_save(model)
+    sharded = make_sharded_tensors_for_checkpoint(model.state_dict(keep_vars=True), "", {}, ())
+    kept = {k for k, v in sharded.items() if peft.adapter_key_filter((k, v))}
+    assert kept == peft.params_to_save
+    obj = ShardedObject("decoder.adapters", None, (1,), (0,))
+    assert peft.adapter_key_filter(("decoder.adapters", obj))
+    assert not peft.adapter_key_filter(("decoder.layers.0._extra_state",
+                                        ShardedObject("decoder.layers.0._extra_state", None,
+                                                      (1,), (0,))))
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_module_names_given_as_one_string_are_rejected(field):
+    """A bare string would be matched character by character (nothing adapted, a warning listing
+    single letters): the error names the value and the expected list form."""
+    kw = {field: "linear_qkv"}
+    if field == "exclude_modules":
+        kw["target_modules"] = []
+    with pytest.raises(TypeError, match=rf"{field}.*'linear_qkv'.*\['linear_qkv'\]"):
+        LoRA(**kw)
+
+
+@pytest.mark.parametrize("cls", [LoRA, DoRA])
+@pytest.mark.parametrize("bad", ["bf16", torch.int8])
+def test_bad_lora_dtype_names_the_setting(cls, bad):
+    with pytest.raises(TypeError, match=r"lora_dtype must be None or a floating torch.dtype"):
+        cls(lora_dtype=bad)

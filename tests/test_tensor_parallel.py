@@ -371,3 +371,70 @@ def test_sharded_state_dict_at_tp2_describes_each_tensor_once(tp_results):
         if not key.endswith("_extra_state"):
             covered = sum(math.prod(s["local_shape"]) for s in mains)
             assert covered == math.prod(global_shapes[key]), key
+
+
+# ---- bases that do their own scatter/gather: row input_is_parallel=False, column gather_output ---
+def _whole_io_worker(rank: int, out_dir: str) -> None:
+    """LoRA (eager) at TP=2 on a column base with gather_output=True and a row base with
+    input_is_parallel=False, checked against fp64 from the gathered full weights."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from bridge.peft import LoRA
+    from tests.megatron_utils import make_config
+
+    def gather(t, dim):
+        parts = [torch.empty_like(t) for _ in range(TP)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim)
+
+    errors = []
+    cfg = make_config(tensor_model_parallel_size=TP)
+    for kind in ("column_gather_output", "row_input_not_parallel"):
+        try:
+            torch.manual_seed(SEED)
+            init = lambda w: nn.init.normal_(w, std=0.3)  # noqa: E731
+            if kind == "column_gather_output":
+                base = ColumnParallelLinear(16, 12, config=cfg, init_method=init, bias=True,
+                                            gather_output=True, skip_bias_add=False)
+            else:
+                base = RowParallelLinear(16, 12, config=cfg, init_method=init, bias=True,
+                                         input_is_parallel=False, skip_bias_add=False)
+            model = nn.Module()
+            model.proj = base
+            LoRA(target_modules=["proj"], dim=4, alpha=ALPHA, lora_B_init_method="normal",
+                 kernel_backend="eager")(model)
+            wrapper = model.proj
+            g = torch.Generator().manual_seed(SEED + 1)
+            x = torch.randn(3, 2, 16, generator=g, requires_grad=True)
+            gy = torch.randn(3, 2, 12, generator=g)
+            y, _ = wrapper(x)
+            (y * gy).sum().backward()
+            a, b = wrapper.adapter.linear_in.weight, wrapper.adapter.linear_out.weight
+            a_dim = 0 if kind == "column_gather_output" else 1  # A split on r, or on K
+            w_full = gather(base.weight.detach(), a_dim).double()
+            bias = (gather(base.bias.detach(), 0) if a_dim == 0 else base.bias.detach()).double()
+            a_ref = gather(a.detach(), a_dim).double().requires_grad_(True)
+            b_ref = gather(b.detach(), 0).double().requires_grad_(True)
+            x_ref = x.detach().double().requires_grad_(True)
+            y_ref = x_ref @ w_full.t() + bias + (ALPHA / 4) * (x_ref @ a_ref.t()) @ b_ref.t()
+            (y_ref * gy.double()).sum().backward()
+            for name, got, want in (("y", y, y_ref), ("dx", x.grad, x_ref.grad),
+                                    ("dA", a.grad, a_ref.grad.chunk(TP, a_dim)[rank]),
+                                    ("dB", b.grad, b_ref.grad.chunk(TP, 0)[rank])):
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, k=f"{kind} {name}": f"{k}: {m}")
+        except Exception:
+            errors.append(f"{kind}:\n{traceback.format_exc()}")
+    torch.save(errors, os.path.join(out_dir, f"whole_io_rank{rank}.pt"))
+
+
+def test_tp2_bases_with_whole_input_or_output(tmp_path):
+    """A row base with input_is_parallel=False splits x itself and a column base with
+    gather_output=True gathers y itself: the eager adapter must follow (it crashed on shapes)."""
+    from tests.megatron_utils import spawn_gloo
+
+    spawn_gloo(_whole_io_worker, str(tmp_path), world_size=TP, tp=TP, args=(str(tmp_path),))
+    for r in range(TP):
+        errors = torch.load(tmp_path / f"whole_io_rank{r}.pt", weights_only=False)
+        assert not errors, f"rank {r}:\n" + "\n".join(errors)

@@ -95,9 +95,13 @@ class PEFT(ABC):
     def adapter_key_filter(self, key) -> bool:
         """Whether a state-dict key belongs to the adapter checkpoint."""
         if isinstance(key, tuple):  # (name, parameter): trainable parameters are the adapter's
-            if len(key) > 1 and isinstance(key[1], torch.Tensor):
-                return bool(key[1].requires_grad)
-            key = key[1] if len(key) > 1 else key[0]
+            value = key[1] if len(key) > 1 else None
+            if isinstance(value, torch.Tensor):
+                return bool(value.requires_grad)
+            data = getattr(value, "data", None)  # a ShardedTensor (factory) holds the parameter
+            if isinstance(data, torch.Tensor):
+                return bool(data.requires_grad)
+            key = key[0]  # anything else (ShardedObject, None): by its name
         key = str(key)
         return key in self.params_to_save or ".adapter." in key or key.startswith("adapter.") \
             or key.endswith(".adapters")

@@ -30,7 +30,11 @@ from bridge.peft.base import PEFT
 from bridge.peft.lora_layers import LoRALinear
 from bridge.peft.lora_merge import adapter_delta, tp_group_and_size
 from bridge.peft.module_matcher import ModuleMatcher
-from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter, check_adapter_hparams
+from bridge.peft.parallel_linear_adapter import (
+    ParallelLinearAdapter,
+    check_adapter_hparams,
+    check_lora_dtype,
+)
 from bridge.peft.utils import get_adapter_attributes_from_linear, is_expert_linear
 
 logger = logging.getLogger(__name__)
@@ -227,6 +231,7 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
         PEFT.__post_init__(self)
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
                               (self.lora_A_init_method, self.lora_B_init_method))
+        check_lora_dtype(self.lora_dtype)
         self.canonical_mapping = {}
         for target in self.target_modules:
             base = target.rsplit(".", 1)[-1]

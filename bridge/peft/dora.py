@@ -16,8 +16,8 @@ from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.base import PEFT
 from bridge.peft.dora_layers import DoRALinear, ParallelLinearDoRAAdapter
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
-from bridge.peft.parallel_linear_adapter import check_adapter_hparams
-from bridge.peft.utils import get_adapter_attributes_from_linear, is_expert_linear
+from bridge.peft.parallel_linear_adapter import check_adapter_hparams, check_lora_dtype
+from bridge.peft.utils import _tp_size, get_adapter_attributes_from_linear, is_expert_linear
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class DoRA(PEFT, ModuleMatcher):
         PEFT.__post_init__(self)
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
                               (self.lora_A_init_method, self.lora_B_init_method))
+        check_lora_dtype(self.lora_dtype)
 
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Wrap ``module`` in DoRA if it matches (idempotent: wrapped modules are left alone)."""
@@ -72,6 +73,13 @@ class DoRA(PEFT, ModuleMatcher):
         input_is_parallel, in_features, out_features, disable_sp_comm, base_is_parallel = (
             get_adapter_attributes_from_linear(module, is_expert=is_expert)
         )
+        whole_io = bool(getattr(module, "gather_output", False)) or (
+            input_is_parallel and not getattr(module, "input_is_parallel", True))
+        if whole_io and _tp_size(is_expert) > 1:
+            raise NotImplementedError(
+                f"DoRA on {full_name!r}: a base that gathers its output (gather_output=True) or "
+                "splits its input itself (input_is_parallel=False) is not supported at TP > 1; "
+                "use LoRA there, or leave it out with exclude_modules")
         logger.info("Adding DoRA to %s", full_name)
         adapter = ParallelLinearDoRAAdapter(
             in_features, out_features, self.dim, base_linear_name=full_name,

@@ -48,7 +48,8 @@ class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
         self.weight_magnitude = nn.Parameter(
             torch.ones(rows, dtype=dtype, device=self.linear_out.weight.device)
         )
-        if self._megatron and self.sequence_parallel and self.input_is_parallel:
+        if (self._megatron and self.sequence_parallel and self.input_is_parallel) \
+                or getattr(self.linear_in.weight, "sequence_parallel", False):  # duplicated base
             # Replicated, but each rank sees only its sequence shard of the output: megatron's
             # grad finalisation all-reduces parameters marked like this over TP.
             self.weight_magnitude.sequence_parallel = True

@@ -83,7 +83,8 @@ def fused_constraints(wrapper: nn.Module, args: tuple, kwargs: dict) -> list[tup
     weight = getattr(base, "weight", None)
     checks.append((isinstance(weight, torch.Tensor) and not weight.requires_grad,
                    "base weight requires grad (the fused path is for a frozen base)"))
-    if adapter.linear_in.weight.dtype != getattr(weight, "dtype", None):
+    lora_weight = getattr(getattr(adapter, "linear_in", None), "weight", None)
+    if lora_weight is not None and lora_weight.dtype != getattr(weight, "dtype", None):
         checks.append((False, "lora_dtype differs from the base weight's dtype"))
     return checks
 
@@ -92,7 +93,10 @@ def _choose(wrapper, x, constraints, kind) -> BackendChoice:
     if kind == "norm":
         from bridge.kernels.norm_lora import norm_lora_backend
 
-        return norm_lora_backend(wrapper.kernel_backend, x, wrapper.to_wrap.weight, constraints)
+        base = wrapper.to_wrap
+        return norm_lora_backend(wrapper.kernel_backend, x, base.weight, constraints,
+                                 norm_params=(base.layer_norm_weight,
+                                              getattr(base, "layer_norm_bias", None)))
     return resolve_backend(wrapper.kernel_backend, "lora_linear", device=x.device, dtype=x.dtype,
                            constraints=constraints)
 
@@ -101,6 +105,11 @@ def fused_lora_forward(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs:
     """The wrapper's output through the fused op, or None to take the eager module path."""
     base, adapter = wrapper.to_wrap, wrapper.adapter
     constraints = fused_constraints(wrapper, args, kwargs)
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        constraints.append((x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type),
+                            f"input is {x.dtype} and the base weight {weight.dtype} (autocast?): "
+                            "the fused path runs in one dtype"))
     kind, _ = base_kind(base)
     choice = _choose(wrapper, x, constraints, kind)
     if choice.name == "eager":

@@ -13,7 +13,11 @@ from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.base import PEFT
 from bridge.peft.lora_layers import LinearAdapter, LoRALinear
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
-from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter, check_adapter_hparams
+from bridge.peft.parallel_linear_adapter import (
+    ParallelLinearAdapter,
+    check_adapter_hparams,
+    check_lora_dtype,
+)
 from bridge.peft.utils import (
     get_adapter_attributes_from_linear,
     is_expert_linear,
@@ -55,6 +59,7 @@ class LoRA(PEFT, ModuleMatcher):
         PEFT.__post_init__(self)
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
                               (self.lora_A_init_method, self.lora_B_init_method))
+        check_lora_dtype(self.lora_dtype)
         self.kernel_backend = validate_backend_name(self.kernel_backend, what="kernel_backend")
 
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):

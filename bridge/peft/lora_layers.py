@@ -37,7 +37,17 @@ class LoRALinear(AdapterWrapper):
         linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
         if not self._adapter_enabled:
             return self.wrap_output(linear_output, bias)
-        adapter_output = self.adapter(layernorm_output.contiguous())
+        scatter_in, gather_out, group = _base_tp_io(self.to_wrap, self.adapter)
+        adapter_input = layernorm_output.contiguous()
+        if scatter_in or gather_out:
+            from megatron.core.tensor_parallel import mappings
+        if scatter_in:  # row base with input_is_parallel=False: it splits x on K itself
+            adapter_input = mappings.scatter_to_tensor_model_parallel_region(adapter_input,
+                                                                             group=group)
+        adapter_output = self.adapter(adapter_input)
+        if gather_out:  # column base with gather_output=True: its output is whole on N
+            adapter_output = mappings.gather_from_tensor_model_parallel_region(adapter_output,
+                                                                               group=group)
         adapter_output = adapter_output.reshape(linear_output.shape)
         return self.wrap_output(linear_output + adapter_output, bias)
 
@@ -59,6 +69,21 @@ class LoRALinear(AdapterWrapper):
     def bias(self) -> torch.Tensor | None:
         """The base bias."""
         return getattr(self.to_wrap, "bias", None)
+
+
+def _base_tp_io(base: nn.Module, adapter: nn.Module) -> tuple[bool, bool, object]:
+    """(scatter the adapter's input on K?, gather its output on N?, TP group) for the base's own
+    communication that the adapter layout leaves out: a megatron row base with
+    ``input_is_parallel=False`` takes x whole, a column base with ``gather_output=True`` returns
+    y whole (both only at TP > 1)."""
+    if not getattr(adapter, "_megatron", False):
+        return False, False, None
+    group = getattr(base, "tp_group", None)
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return False, False, None
+    scatter_in = adapter.input_is_parallel and not getattr(base, "input_is_parallel", True)
+    gather_out = not adapter.input_is_parallel and bool(getattr(base, "gather_output", False))
+    return scatter_in, gather_out, group
 
 
 class LinearAdapter(nn.Linear):
@@ -128,12 +153,14 @@ class LinearAdapter(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._adapter_enabled:
             return F.linear(x, self.weight, self.bias)
-        same_dtype = self.lora_a.weight.dtype == self.weight.dtype == x.dtype
+        same_dtype = self.lora_a.weight.dtype == self.weight.dtype == x.dtype \
+            and not torch.is_autocast_enabled(x.device.type)
         choice = resolve_backend(
             self.kernel_backend, "lora_linear", device=x.device, dtype=x.dtype,
             constraints=[(not self.weight.requires_grad,
                           "base weight requires grad (the fused path is for a frozen base)"),
-                         (same_dtype, "lora_dtype differs from the base dtype")],
+                         (same_dtype, "input, base and lora dtypes differ (or autocast is on): "
+                                      "the fused path runs in one dtype")],
         )
         if choice.name != "eager":
             from bridge.kernels.lora_linear import lora_linear

@@ -40,6 +40,11 @@ class ModuleMatcher:
     canonical_mapping: dict[str, set] = field(default_factory=lambda: defaultdict(set))
 
     def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"{name} must be a list of module names or '*' patterns, got the "
+                                f"string {value!r}; write [{value!r}]")
         if self.target_modules and self.exclude_modules:
             raise ValueError(
                 "target_modules and exclude_modules cannot both be set (got target_modules="

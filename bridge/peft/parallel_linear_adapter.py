@@ -57,6 +57,16 @@ def check_adapter_hparams(dim: int, alpha: float | None, dropout: float, dropout
         get_init_fn(name)
 
 
+def check_lora_dtype(lora_dtype) -> None:
+    """None or a floating torch.dtype, else a TypeError naming the value."""
+    if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype)
+                                       and lora_dtype.is_floating_point):
+        raise TypeError(
+            f"lora_dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), "
+            f"got {lora_dtype!r}"
+        )
+
+
 class ParallelLinearAdapter(nn.Module):
     """y = scale * B(act(A(dropout(x)))), with Megatron-Bridge's tensor-parallel layout.
 
@@ -144,6 +154,11 @@ class ParallelLinearAdapter(nn.Module):
                 a_init(self.linear_in.weight)
                 b_init(self.linear_out.weight)
             self._megatron = False
+            if not base_linear_is_parallel and self.sequence_parallel:
+                # A duplicated base sees this rank's sequence shard: megatron all-reduces over TP
+                # the grads of parameters marked like this (as it marks the base's own weight).
+                for p in (self.linear_in.weight, self.linear_out.weight):
+                    p.sequence_parallel = True
             self.sequence_parallel = self.sequence_parallel and base_linear_is_parallel
             return
 
