@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AdapterWrapper"]
+__all__ = ["AdapterSwitch", "AdapterWrapper"]
 
 
 def _describe(value: Any) -> str:
@@ -19,7 +19,26 @@ def _describe(value: Any) -> str:
     return type(value).__name__ if value is not None else "None"
 
 
-class AdapterWrapper(nn.Module):
+class AdapterSwitch:
+    """The on/off switch of an adapter (``PEFT.enable/disable_adapter_layers`` and
+    ``PEFT.disable_adapter`` use it); the module's forward reads ``_adapter_enabled``."""
+
+    _adapter_enabled: bool = True
+
+    def enable_adapter_layers(self) -> None:
+        """Apply the adapter in forward (the default)."""
+        self._adapter_enabled = True
+
+    def disable_adapter_layers(self) -> None:
+        """Skip the adapter in forward: the module behaves as the base linear alone."""
+        self._adapter_enabled = False
+
+    @property
+    def adapter_enabled(self) -> bool:
+        return self._adapter_enabled
+
+
+class AdapterWrapper(AdapterSwitch, nn.Module):
     """Wraps a linear module ``to_wrap`` and an ``adapter`` applied beside it.
 
     Subclasses (``LoRALinear``, ``DoRALinear``) implement ``forward`` on top of
@@ -40,19 +59,6 @@ class AdapterWrapper(nn.Module):
         self._adapter_enabled = True
         self._return_bare_tensor = False
         self._register_load_state_dict_pre_hook(self._remap_base_keys)
-
-    # ---- adapter switch -------------------------------------------------------------------
-    def enable_adapter_layers(self) -> None:
-        """Apply the adapter in forward (the default)."""
-        self._adapter_enabled = True
-
-    def disable_adapter_layers(self) -> None:
-        """Skip the adapter in forward: the module behaves as the base linear alone."""
-        self._adapter_enabled = False
-
-    @property
-    def adapter_enabled(self) -> bool:
-        return self._adapter_enabled
 
     # ---- forward helpers -------------------------------------------------------------------
     def base_linear_forward(

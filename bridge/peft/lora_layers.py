@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.kernels.backend import resolve_backend, validate_backend_name
-from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.adapter_wrapper import AdapterSwitch, AdapterWrapper
 from bridge.peft.parallel_linear_adapter import check_adapter_hparams, get_init_fn
 
 __all__ = ["LinearAdapter", "LoRALinear", "patch_linear_module"]
@@ -86,7 +86,7 @@ def _base_tp_io(base: nn.Module, adapter: nn.Module) -> tuple[bool, bool, object
     return scatter_in, gather_out, group
 
 
-class LinearAdapter(nn.Linear):
+class LinearAdapter(AdapterSwitch, nn.Linear):
     """LoRA folded into an ``nn.Linear``: y = x W^T + b + scale * B(A(dropout(x))).
 
     The base weight and bias are copied from ``orig_linear`` and frozen; ``lora_a`` ([r, K]) and
@@ -124,17 +124,6 @@ class LinearAdapter(nn.Linear):
                            lora_B_init_method, lora_dtype)
         self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
         self._adapter_enabled = True
-
-    # The adapter switch PEFT.enable/disable_adapter_layers and PEFT.disable_adapter use.
-    def enable_adapter_layers(self) -> None:
-        self._adapter_enabled = True
-
-    def disable_adapter_layers(self) -> None:
-        self._adapter_enabled = False
-
-    @property
-    def adapter_enabled(self) -> bool:
-        return self._adapter_enabled
 
     def _init_adapter(self, dim, alpha, dropout, dropout_position, a_init, b_init, lora_dtype):
         dtype = lora_dtype or self.weight.dtype
