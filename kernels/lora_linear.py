@@ -259,6 +259,7 @@ if HAS_TRITON:
         p,  # fp32 dropout probability ('post' only)
         keep_scale,  # fp32 1 / (1 - p)
         POST_DROPOUT: tl.constexpr,  # dY of the low-rank term is dY * m / (1 - p)
+        WRITE_DB: tl.constexpr,  # write the dB partials (else the host computes dB itself)
         INTERPRET: tl.constexpr,  # CPU interpreter: upcast after loads
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
         BLOCK_M: tl.constexpr,  # rows per program (host-chosen: it sizes the dB partials)
@@ -296,9 +297,10 @@ if HAS_TRITON:
             b = load_f32(b_rows + rn.to(tl.int64)[:, None] * stride_bn,
                          n_ok[:, None] & r_ok[None, :], INTERPRET)
             ds = tl.dot(dy, b, ds, input_precision=PRECISION)
-            dbp = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
-            tl.store(dbp_rows + rn.to(tl.int64)[:, None] * R, dbp * g_scale,
-                     mask=n_ok[:, None] & r_ok[None, :])
+            if WRITE_DB:
+                dbp = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
+                tl.store(dbp_rows + rn.to(tl.int64)[:, None] * R, dbp * g_scale,
+                         mask=n_ok[:, None] & r_ok[None, :])
         tl.store(ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], ds * g_scale,
                  mask=m_ok[:, None] & r_ok[None, :])
 
@@ -424,6 +426,7 @@ if HAS_TRITON:
 # dS/dB: BLOCK_M sizes the dB partials buffer [cdiv(M, BLOCK_M), N, r], so it is fixed per arch
 # (128 rows: 1/128 of dY's bytes per rank column; the host sums them) rather than autotuned.
 _DSDB_BLOCK_M = {"sm80": 128, "sm90": 128, "interpret": 64}
+DB_PARTIALS_MAX_BYTES = 256 << 20  # above this, dB is its own GEMM (see _launch_dsdb)
 
 
 def _cfg(num_warps: int, num_stages: int, **meta: int):
@@ -634,14 +637,22 @@ def _launch_dsdb(dy2d: torch.Tensor, lora_b: torch.Tensor, s_mat: torch.Tensor, 
     arch = current_arch(dy2d.device)
     block_m, block_r = _DSDB_BLOCK_M[arch], rank_block(r)
     tiles_m = triton.cdiv(m, block_m)
-    partial = torch.empty((tiles_m, n, r), dtype=torch.float32, device=dy2d.device)
     on, seed_arg, p_arg, keep = _dropout_args(seed, p, ds)
+    # The fp32 dB partials cost tiles_m * N * r * 4 bytes (0.47 GB at M=16384, N=14336, r=64);
+    # past DB_PARTIALS_MAX_BYTES, and with no 'post' mask on dY, dB = s dY^T S is one more GEMM
+    # (about the same traffic: one more read of dY instead of writing and reading the partials).
+    write_db = on or tiles_m * n * r * 4 <= DB_PARTIALS_MAX_BYTES
+    partial = torch.empty((tiles_m, n, r) if write_db else (1,), dtype=torch.float32,
+                          device=dy2d.device)
+    s_c = s_mat.contiguous()
     grid = (tiles_m, triton.cdiv(r, block_r))
     _kernel(_lora_linear_bwd_dsdb_kernel, "dsdb", dy2d.device)[grid](
-        dy2d, lora_b, s_mat.contiguous(), ds, partial, seed_arg, m, n, r,
+        dy2d, lora_b, s_c, ds, partial, seed_arg, m, n, r,
         dy2d.stride(0), dy2d.stride(1), lora_b.stride(0), lora_b.stride(1), float(scale), p_arg,
-        keep, POST_DROPOUT=on, BLOCK_M=block_m, BLOCK_R=block_r,
+        keep, POST_DROPOUT=on, WRITE_DB=write_db, BLOCK_M=block_m, BLOCK_R=block_r,
         **_common(dy2d.device, dy2d.dtype))
+    if not write_db:  # s S rounded once to dY's dtype, as the forward's tensor-core operand is
+        return ds, (dy2d.t() @ (s_c * scale).to(dy2d.dtype)).to(lora_b.dtype)
     db = partial[0] if tiles_m == 1 else partial.sum(0)
     return ds, db.to(lora_b.dtype)
 

@@ -345,3 +345,17 @@ def test_opcheck_empty_batch_non_contiguous_lora_b():
     torch.library.opcheck(torch.ops.bridge.lora_linear_bwd.default,
                           (torch.randn(0, 20, device=DEV), torch.randn(0, 24, device=DEV), w, a,
                            b_t, torch.empty(0, 4, device=DEV), None, 2.0, 0.0, False, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_db_as_its_own_gemm_past_the_partials_limit(monkeypatch, dtype):
+    """With the dB partials over DB_PARTIALS_MAX_BYTES (forced here to 0) and no 'post' mask, dB
+    comes from one GEMM on the host instead: same values and grads against the fp64 reference;
+    a 'post' mask keeps the partials (dY must be masked)."""
+    import importlib
+
+    ll = importlib.import_module("bridge.kernels.lora_linear")
+    monkeypatch.setattr(ll, "DB_PARTIALS_MAX_BYTES", 0)
+    for p, pos in [(0.0, "pre"), (0.1, "pre"), (0.1, "post")]:
+        x, w, b, a, bb = _inputs((70,), 40, 72, 8, dtype, bias=True)
+        _check_against_ref(x, w, b, a, bb, scale=2.0, p=p, pos=pos, skip_bias_add=False)
