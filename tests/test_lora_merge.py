@@ -284,3 +284,23 @@ def test_gpt_merge_tp2(tmp_path):
     from tests.megatron_utils import spawn_gloo
 
     spawn_gloo(_tp2_worker, str(tmp_path))
+
+
+def test_merging_a_switched_off_adapter_is_refused_by_name():
+    torch.manual_seed(0)
+    model = LoRA(target_modules=["linear_fc1", "linear_fc2"], dim=R, alpha=ALPHA,
+                 kernel_backend="eager")(TwoLinears())
+    for m in (model.linear_fc1, model.linear_fc2):
+        with torch.no_grad():
+            m.lora_b.weight.normal_()  # a non-zero delta, so a merge would show
+    w0 = model.linear_fc1.weight.detach().clone()
+    model.linear_fc1.disable_adapter_layers()
+    for merge in (merge_lora, merge_and_unload):
+        with pytest.raises(MergeError, match=r"switched off.*\['linear_fc1'\]"):
+            merge(model)
+    assert torch.equal(model.linear_fc1.weight, w0)  # nothing was merged, not even fc2 first
+    assert not getattr(model.linear_fc2, "_lora_merged", False)
+    model.linear_fc1.enable_adapter_layers()
+    merge_lora(model)
+    assert model.linear_fc1._lora_merged and model.linear_fc2._lora_merged
+    assert not torch.equal(model.linear_fc1.weight, w0)

@@ -168,6 +168,15 @@ def _wrappers(module: nn.Module):
             yield name, m
 
 
+def _refuse_disabled(wrappers: list) -> None:
+    """Merging a switched-off adapter would change what the model computes: refuse, by name."""
+    off = [name for name, m in wrappers
+           if not getattr(m, "_lora_merged", False) and not getattr(m, "adapter_enabled", True)]
+    if off:
+        raise MergeError(f"adapters switched off (disable_adapter_layers): {off}; merging them "
+                         "would change the model's outputs: enable_adapter_layers() them first")
+
+
 def merge_lora(module: nn.Module) -> nn.Module:
     """Merge every adapter below (or at) ``module`` into its base weight, in place.
 
@@ -175,8 +184,8 @@ def merge_lora(module: nn.Module) -> nn.Module:
     TP group must call it.
 
     Raises:
-        MergeError: a layer is already merged (named), or its delta does not match the weight's
-            shape.
+        MergeError: a layer is already merged or its adapter is switched off (named), or its
+            delta does not match the weight's shape.
     """
     wrappers = list(_wrappers(module))
     if not wrappers:
@@ -184,6 +193,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
     merged = [name for name, m in wrappers if getattr(m, "_lora_merged", False)]
     if merged:
         raise MergeError(f"already merged (unmerge_lora first): {merged}")
+    _refuse_disabled(wrappers)
     for name, m in wrappers:
         _merge_one(m, name)
     return module
@@ -244,8 +254,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Raises:
         MergeError: the model has no adapters.
     """
-    if not any(True for _ in _wrappers(model)):
+    wrappers = list(_wrappers(model))
+    if not wrappers:
         raise MergeError(f"no LoRA/DoRA adapters found in {type(model).__name__}")
+    _refuse_disabled(wrappers)
     if isinstance(model, (AdapterWrapper, LinearAdapter)):
         return _unwrap(model)
 
