@@ -455,3 +455,20 @@ def test_duplicated_te_linear_adapter_grads_are_marked_for_the_tp_reduction(sp):
     adapter = model.linear_q_down_proj.adapter
     for p in (adapter.linear_in.weight, adapter.linear_out.weight, adapter.weight_magnitude):
         assert getattr(p, "sequence_parallel", False) is sp
+
+
+def test_linear_adapter_answers_to_megatron_bridge_factor_names():
+    """linear_in / linear_out (Megatron-Bridge's newer names) are the same modules as
+    lora_a / lora_b, and a state dict spelled either way loads strictly."""
+    from bridge.peft import LinearAdapter
+
+    torch.manual_seed(0)
+    m = LinearAdapter(nn.Linear(6, 4), dim=2, lora_B_init_method="normal")
+    assert m.linear_in is m.lora_a and m.linear_out is m.lora_b
+    renamed = {k.replace("lora_a.", "linear_in.").replace("lora_b.", "linear_out."): v.clone()
+               for k, v in m.state_dict().items()}
+    assert "linear_in.weight" in renamed and "linear_out.weight" in renamed
+    fresh = LinearAdapter(nn.Linear(6, 4), dim=2)
+    fresh.load_state_dict(renamed, strict=True)
+    for key, value in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -124,6 +124,28 @@ class LinearAdapter(AdapterSwitch, nn.Linear):
                            lora_B_init_method, lora_dtype)
         self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
         self._adapter_enabled = True
+        self._register_load_state_dict_pre_hook(self._accept_linear_in_out_keys)
+
+    # Megatron-Bridge's newer LinearAdapter names the factors linear_in / linear_out (as
+    # ParallelLinearAdapter does): both names reach the same modules, and both key spellings load.
+    _FACTOR_ALIASES = {"linear_in.": "lora_a.", "linear_out.": "lora_b."}
+
+    @property
+    def linear_in(self) -> nn.Linear:
+        """A ([r, K]); the same module as ``lora_a``."""
+        return self.lora_a
+
+    @property
+    def linear_out(self) -> nn.Linear:
+        """B ([N, r]); the same module as ``lora_b``."""
+        return self.lora_b
+
+    def _accept_linear_in_out_keys(self, state_dict, prefix, *args) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for alias, name in self._FACTOR_ALIASES.items():
+                if rest.startswith(alias):
+                    state_dict[prefix + name + rest[len(alias):]] = state_dict.pop(key)
 
     def _init_adapter(self, dim, alpha, dropout, dropout_position, a_init, b_init, lora_dtype):
         dtype = lora_dtype or self.weight.dtype
