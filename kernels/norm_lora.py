@@ -510,8 +510,9 @@ _BWD_SCHEMA = (
 
 
 def _seed_arg(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """The row pass always takes a seed tensor; with no dropout it is never read."""
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=like.device)
+    """The row pass always takes a seed tensor; with no dropout it is never read (so an
+    uninitialised one will do: no fill kernel on the hot path)."""
+    return seed if seed is not None else torch.empty(1, dtype=torch.int64, device=like.device)
 
 
 @torch.library.custom_op("bridge::norm_lora_fwd", mutates_args=(), schema=_FWD_SCHEMA)

@@ -139,7 +139,9 @@ class _SplitLoRA(AdapterWrapper):
                 for p in self.PARTS]
 
     def _combine(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Place the parts' rows (dim 0) or features (dim -1) in megatron's layout: each
+        subclass knows its fused layer's."""
+        raise NotImplementedError(f"{type(self).__name__} must define _combine")
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
