@@ -157,3 +157,42 @@ def test_input_in_another_dtype_takes_the_eager_path_and_says_why(caplog):
     with caplog.at_level("WARNING", logger="bridge.kernels"):
         assert fused_lora_forward(model.proj, x, (), {}) is None
     assert fused_lora_forward(model.proj, x.float(), (), {}) is not None
+
+
+@pytest.mark.parametrize("kind", ["column", "lncol", "linear_adapter"])
+def test_torch_compile_fullgraph_of_the_wrapped_layer(kind):
+    """torch.compile(fullgraph=True) traces LoRALinear's / LinearAdapter's fused forward and
+    backward (backend choice, TP plumbing and the registered ops) without a graph break, and
+    gives the eager module's values and gradients."""
+    from bridge.peft import LinearAdapter
+    from bridge.peft.lora import LoRA
+
+    def make(backend):
+        torch.manual_seed(1)
+        if kind == "linear_adapter":
+            return LinearAdapter(nn.Linear(K, N), dim=R, alpha=10, lora_B_init_method="normal",
+                                 kernel_backend=backend)
+        model = nn.Module()
+        model.proj = build(kind, False)
+        LoRA(target_modules=["proj"], dim=R, alpha=10, lora_B_init_method="normal",
+             kernel_backend=backend)(model)
+        return model.proj
+
+    def loss_of(layer):
+        def f(x):
+            out = layer(x)
+            y = out if isinstance(out, torch.Tensor) else out[0]
+            return (y * y).sum()
+        return f
+
+    results = {}
+    for backend, compiled in (("eager", False), ("triton", True)):
+        layer = make(backend)
+        fn = torch.compile(loss_of(layer), fullgraph=True) if compiled else loss_of(layer)
+        x = torch.randn(3, 2, K, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        fn(x).backward()
+        grads = [p.grad for p in layer.parameters() if p.requires_grad]
+        results[backend] = (x.grad, grads)
+    torch.testing.assert_close(results["triton"][0], results["eager"][0], **TOL)
+    for got, want in zip(results["triton"][1], results["eager"][1], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
