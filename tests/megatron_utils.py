@@ -112,3 +112,16 @@ def spawn_gloo(fn, tmp_dir: str, world_size: int = 2, tp: int = 2, args: tuple =
     init_file = os.path.join(str(tmp_dir), "dist_init_spawn")
     mp.spawn(_gloo_entry, args=(fn, world_size, tp, init_file, args), nprocs=world_size,
              join=True)
+
+
+def qkv_row_indices(heads: int, groups: int, head_dim: int) -> dict[str, list[int]]:
+    """Rows of q, k and v in megatron's fused qkv output, written out group by group: each
+    query group holds its heads/groups q heads, then one k head, then one v head."""
+    q, k, v = [], [], []
+    qpg = heads // groups
+    for g in range(groups):
+        start = g * (qpg + 2) * head_dim
+        q += range(start, start + qpg * head_dim)
+        k += range(start + qpg * head_dim, start + (qpg + 1) * head_dim)
+        v += range(start + (qpg + 1) * head_dim, start + (qpg + 2) * head_dim)
+    return {"q": q, "k": k, "v": v}

@@ -15,6 +15,7 @@ from bridge.peft.canonical_lora import (  # noqa: E402
 )
 from bridge.peft.lora_layers import LoRALinear  # noqa: E402
 from tests.megatron_utils import gpt_inputs, tiny_gpt_model  # noqa: E402
+from tests.megatron_utils import qkv_row_indices as _qkv_row_indices  # noqa: E402
 
 R, ALPHA = 4, 8.0
 S = ALPHA / R
@@ -22,15 +23,7 @@ HEADS, GROUPS, HEAD_DIM, HIDDEN, FFN = 4, 2, 16, 64, 96
 
 
 def qkv_row_indices():
-    """Rows of q, k and v in megatron's fused qkv output, written out group by group."""
-    q, k, v = [], [], []
-    qpg = HEADS // GROUPS
-    for g in range(GROUPS):
-        start = g * (qpg + 2) * HEAD_DIM
-        q += range(start, start + qpg * HEAD_DIM)
-        k += range(start + qpg * HEAD_DIM, start + (qpg + 1) * HEAD_DIM)
-        v += range(start + (qpg + 1) * HEAD_DIM, start + (qpg + 2) * HEAD_DIM)
-    return {"q": q, "k": k, "v": v}
+    return _qkv_row_indices(HEADS, GROUPS, HEAD_DIM)
 
 
 def fc1_row_indices():

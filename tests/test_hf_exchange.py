@@ -18,6 +18,7 @@ from bridge.peft.canonical_lora import CanonicalLoRA  # noqa: E402
 from bridge.peft.dora import DoRA  # noqa: E402
 from bridge.peft.hf import export_hf_adapter, import_hf_adapter  # noqa: E402
 from bridge.peft.lora import LoRA  # noqa: E402
+from tests.megatron_utils import qkv_row_indices as _qkv_row_indices  # noqa: E402
 from tests.megatron_utils import tiny_gpt_model  # noqa: E402
 
 R, ALPHA = 4, 8
@@ -41,15 +42,9 @@ def tiny_llama(seed=0):
 
 
 def qkv_rows():
-    """q, k, v rows of megatron's fused qkv output, group by group."""
-    q, k, v = [], [], []
-    qpg = HEADS // GROUPS
-    for g in range(GROUPS):
-        start = g * (qpg + 2) * HEAD_DIM
-        q += range(start, start + qpg * HEAD_DIM)
-        k += range(start + qpg * HEAD_DIM, start + (qpg + 1) * HEAD_DIM)
-        v += range(start + (qpg + 1) * HEAD_DIM, start + (qpg + 2) * HEAD_DIM)
-    return {"q_proj": q, "k_proj": k, "v_proj": v}
+    """q, k, v rows of megatron's fused qkv output, by HF projection name."""
+    return {f"{part}_proj": rows
+            for part, rows in _qkv_row_indices(HEADS, GROUPS, HEAD_DIM).items()}
 
 
 def randomise(model, seed=1):
