@@ -67,6 +67,12 @@ def cpu_kernel_device_only(why: str) -> pytest.MarkDecorator:
                               reason=f"CPU/interpreter-only check ({why}); kernels run on CUDA here")
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64: how every kernel test compares with the reference."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def install_megatron_cpu_shims() -> None:
     """Make megatron-core's tensor-parallel code run on the CPU (no-op when CUDA is available)."""
     if torch.cuda.is_available():

@@ -16,6 +16,7 @@ from bridge.kernels import _ext
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tests.conftest import KERNEL_DEVICE
+from tests.conftest import rel_err as _rel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -141,9 +142,6 @@ def _compile_with_ptxas_verbose(tmp_path) -> str:
 # ---------------------------------------------------------------------------------------------
 # GPU only: the CUDA row pass against the Triton row pass and the fp64 reference
 
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu

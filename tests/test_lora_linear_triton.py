@@ -20,6 +20,7 @@ from bridge.kernels.backend import BackendUnavailableError
 from bridge.kernels.philox import dropout_keep_mask
 
 from tests.conftest import KERNEL_DEVICE as DEV
+from tests.conftest import rel_err as _rel
 from tests.conftest import requires_kernel_device
 
 pytestmark = requires_kernel_device()
@@ -29,9 +30,6 @@ pytestmark = requires_kernel_device()
 TOLS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SEED = 1234
 
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _inputs(lead, k, n, r, dtype, *, bias=True, gen_seed=0, device=DEV):

@@ -19,6 +19,7 @@ from bridge.kernels.norm_lora import (
 )
 
 from tests.conftest import KERNEL_DEVICE as DEV
+from tests.conftest import rel_err as _rel
 from tests.conftest import requires_kernel_device
 
 triton_kernels = requires_kernel_device()
@@ -28,9 +29,6 @@ triton_kernels = requires_kernel_device()
 TOLS = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SEED = 1234
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _inputs(shape, n, r, dtype, norm, *, bias=True, device=DEV):
