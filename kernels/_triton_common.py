@@ -1,5 +1,5 @@
 """Shared Triton helpers: the optional import, the interpreter flag, fp32-upcasting loads, dot
-operands, the rank bucket and the per-architecture autotune wrapper.
+operands, the rank bucket, launch constexprs and the per-architecture autotune wrapper.
 
 Triton is optional (it is a Linux-only dependency): without it, ``triton.jit`` is a no-op stub so
 the kernel modules still import, and ``kernels/backend.py`` reports "triton is not importable".
@@ -66,6 +66,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and tf32:
         return "tf32"
     return "ieee"
+
+
+def cfg(num_warps: int, num_stages: int, **meta: int):
+    """A ``triton.Config`` of the block sizes ``meta``."""
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_common(device: torch.device, dtype: torch.dtype) -> dict:
+    """Constexprs every kernel takes: interpreter flag and fp32 dot precision."""
+    return {"INTERPRET": current_arch(device) == "interpret", "PRECISION": dot_precision(dtype)}
+
+
+def dropout_args(seed: torch.Tensor | None, p: float, like: torch.Tensor):
+    """(mask on?, seed pointer (a dummy tensor when off), fp32 p, fp32 1/(1-p))."""
+    on = seed is not None and p > 0.0
+    if not on:
+        return False, like, 0.0, 1.0
+    return True, seed, float(p), float(1.0 / (1.0 - p))
 
 
 @functools.cache

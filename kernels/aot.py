@@ -33,16 +33,17 @@ TENSOR_CORE_OPS = {80: "mma.sync", 90: "wgmma"}
 
 def _specs() -> list[dict]:
     """(kernel, variant, config list name, signature, fixed constexprs, whether it uses tl.dot)."""
-    ll = importlib.import_module("bridge.kernels.lora_linear")
-    from bridge.kernels import philox
+    from bridge.kernels import _gemm, _lowrank, philox
 
     dt = "*bf16"
     f32, i32, i64p, f32p = "fp32", "i32", "*i64", "*fp32"
     common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": 64}
 
     def spec(kernel, variant, configs, sig, fixed, uses_dot=True):
+        module = _gemm if configs in ("fwd", "fwd_two_acc", "dx", "dx_two_acc") else _lowrank
         return {"kernel": kernel, "variant": variant, "configs": configs, "sig": sig,
-                "fixed": fixed, "uses_dot": uses_dot}
+                "fixed": fixed, "uses_dot": uses_dot,
+                "configs_fn": module.configs if configs else None}
 
     shrink_sig = {"x_ptr": dt, "a_ptr": dt, "s_ptr": f32p, "seed_ptr": i64p, "M": i32, "K": i32,
                   "R": i32, "stride_xm": i32, "stride_xk": 1, "stride_ar": i32, "stride_ak": 1,
@@ -62,24 +63,24 @@ def _specs() -> list[dict]:
     da_sig = {"ds_ptr": f32p, "x_ptr": dt, "da_ptr": dt, "seed_ptr": i64p, "M": i32, "K": i32,
               "R": i32, "stride_xm": i32, "stride_xk": 1, "p": f32, "keep_scale": f32}
     mask_sig = {"seed_ptr": i64p, "mask_ptr": "*i8", "rows": i32, "n_cols": i32, "p": f32}
-    dsdb_fixed = {**common, "BLOCK_M": ll._DSDB_BLOCK_M["sm80"]}
-    gemm = {**common, "BLOCK_R": ll.GEMM_RANK_STEP}
+    dsdb_fixed = {**common, "BLOCK_M": _lowrank.DSDB_BLOCK_M["sm80"]}
+    gemm = {**common, "BLOCK_R": _gemm.GEMM_RANK_STEP}
     return [
-        spec(ll._lora_linear_shrink_kernel, "pre-dropout", "shrink", shrink_sig,
+        spec(_lowrank._lora_linear_shrink_kernel, "pre-dropout", "shrink", shrink_sig,
              {**common, "HAS_DROPOUT": True}),
-        spec(ll._lora_linear_fwd_kernel, "bias", "fwd", fwd_sig,
+        spec(_gemm._lora_linear_fwd_kernel, "bias", "fwd", fwd_sig,
              {**gemm, "HAS_BIAS": True, "POST_DROPOUT": False}),
-        spec(ll._lora_linear_fwd_kernel, "bias+post-dropout", "fwd_two_acc", fwd_sig,
+        spec(_gemm._lora_linear_fwd_kernel, "bias+post-dropout", "fwd_two_acc", fwd_sig,
              {**gemm, "HAS_BIAS": True, "POST_DROPOUT": True}),
-        spec(ll._lora_linear_bwd_dsdb_kernel, "post-dropout", "dsdb", dsdb_sig,
+        spec(_lowrank._lora_linear_bwd_dsdb_kernel, "post-dropout", "dsdb", dsdb_sig,
              {**dsdb_fixed, "POST_DROPOUT": True, "WRITE_DB": True}),
-        spec(ll._lora_linear_bwd_dsdb_kernel, "no-mask, dB as its own GEMM", "dsdb", dsdb_sig,
+        spec(_lowrank._lora_linear_bwd_dsdb_kernel, "no-mask, dB as its own GEMM", "dsdb", dsdb_sig,
              {**dsdb_fixed, "POST_DROPOUT": False, "WRITE_DB": False}),
-        spec(ll._lora_linear_bwd_dx_kernel, "no-mask", "dx", dx_sig,
+        spec(_gemm._lora_linear_bwd_dx_kernel, "no-mask", "dx", dx_sig,
              {**gemm, "PRE_DROPOUT": False}),
-        spec(ll._lora_linear_bwd_dx_kernel, "pre-dropout", "dx_two_acc", dx_sig,
+        spec(_gemm._lora_linear_bwd_dx_kernel, "pre-dropout", "dx_two_acc", dx_sig,
              {**gemm, "PRE_DROPOUT": True}),
-        spec(ll._lora_linear_bwd_da_kernel, "pre-dropout", "da", da_sig,
+        spec(_lowrank._lora_linear_bwd_da_kernel, "pre-dropout", "da", da_sig,
              {**common, "PRE_DROPOUT": True}),
         spec(philox._dropout_keep_mask_kernel, "", None, mask_sig,
              {"BLOCK_R": 16, "BLOCK_C": 128}, uses_dot=False),
@@ -88,12 +89,10 @@ def _specs() -> list[dict]:
 
 def _jobs(archs: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(spec index, config index, arch) for every config of every kernel."""
-    ll = importlib.import_module("bridge.kernels.lora_linear")
-
     jobs = []
     for i, s in enumerate(_specs()):
         for arch in archs:
-            n = len(ll._configs(f"sm{arch}", s["configs"])) if s["configs"] else 1
+            n = len(s["configs_fn"](f"sm{arch}", s["configs"])) if s["configs"] else 1
             jobs.extend((i, j, arch) for j in range(n))
     return jobs
 
@@ -109,12 +108,10 @@ def _compile_one(job: tuple[int, int, int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ll = importlib.import_module("bridge.kernels.lora_linear")
-
     i, j, arch = job
     s = _specs()[i]
     if s["configs"]:
-        cfg = ll._configs(f"sm{arch}", s["configs"])[j]
+        cfg = s["configs_fn"](f"sm{arch}", s["configs"])[j]
         meta, options = dict(cfg.kwargs), {"num_warps": cfg.num_warps,
                                           "num_stages": cfg.num_stages}
     else:

@@ -16,6 +16,8 @@ import dataclasses
 
 import torch
 from bridge.kernels._checks import check_dropout, check_lora_args, check_norm_args
+from bridge.kernels._gemm import launch_dx, launch_fused_gemm
+from bridge.kernels._lowrank import launch_dsdb
 from bridge.kernels._triton_common import (
     HAS_TRITON,
     current_arch,
@@ -31,14 +33,7 @@ from bridge.kernels.backend import (
     probe_triton,
     resolve_backend,
 )
-from bridge.kernels.lora_linear import (
-    _compute_dtype,
-    _eager_lora_linear,
-    _launch_dsdb,
-    _launch_dx,
-    _launch_fused_gemm,
-    lora_linear_ref,
-)
+from bridge.kernels.lora_linear import _compute_dtype, _eager_lora_linear, lora_linear_ref
 from bridge.kernels.philox import draw_seed, keep_mask, seed_tensor
 
 
@@ -526,7 +521,7 @@ def _norm_lora_fwd_op(x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, s
     ln, mean, rstd, s_mat = norm_lora_row_fwd(
         x2d, norm_weight, norm_bias, lora_a, _seed_arg(seed, x), eps=eps, p=p_pre, rms=rms,
         shift=1.0 if zero_centered_gamma else 0.0, backend=row_backend)
-    y2d = _launch_fused_gemm(ln, weight, bias, s_mat, lora_b, scale,
+    y2d = launch_fused_gemm(ln, weight, bias, s_mat, lora_b, scale,
                              seed=seed if post else None, p=p)
     return (y2d.view(*x.shape[:-1], weight.shape[0]), ln.view(x.shape), mean, rstd, s_mat)
 
@@ -549,9 +544,9 @@ def _norm_lora_bwd_op(dy, dln_out, x, norm_weight, norm_bias, weight, lora_a, lo
     n, k = weight.shape
     dy2d, x2d = dy.reshape(-1, n), x.reshape(-1, k)
     pre_seed, post_seed = (None, seed) if post else (seed, None)
-    ds, dlora_b = _launch_dsdb(dy2d, lora_b, s_mat, scale, seed=post_seed, p=p)
+    ds, dlora_b = launch_dsdb(dy2d, lora_b, s_mat, scale, seed=post_seed, p=p)
     # The Triton row kernels read dln in fp32 (unrounded); the CUDA twin reads x's dtype.
-    dln = _launch_dx(dy2d, weight, ds, lora_a, seed=pre_seed, p=p,
+    dln = launch_dx(dy2d, weight, ds, lora_a, seed=pre_seed, p=p,
                      out_dtype=torch.float32 if row_backend == "triton" else x.dtype)
     dlo = dln_out.reshape(-1, k) if dln_out is not None else None
     dx, dnw, dnb, da = norm_lora_row_bwd(

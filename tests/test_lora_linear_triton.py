@@ -352,8 +352,8 @@ def test_db_as_its_own_gemm_past_the_partials_limit(monkeypatch, dtype):
     a 'post' mask keeps the partials (dY must be masked)."""
     import importlib
 
-    ll = importlib.import_module("bridge.kernels.lora_linear")
-    monkeypatch.setattr(ll, "DB_PARTIALS_MAX_BYTES", 0)
+    lowrank = importlib.import_module("bridge.kernels._lowrank")
+    monkeypatch.setattr(lowrank, "DB_PARTIALS_MAX_BYTES", 0)
     for p, pos in [(0.0, "pre"), (0.1, "pre"), (0.1, "post")]:
         x, w, b, a, bb = _inputs((70,), 40, 72, 8, dtype, bias=True)
         _check_against_ref(x, w, b, a, bb, scale=2.0, p=p, pos=pos, skip_bias_add=False)

@@ -1,0 +1,328 @@
+"""The low-rank kernels of the LoRA linear: the shrink S = x~ A^T, dS/dB from one pass over dY,
+and dA = dS^T x~ (x~ regenerated from x and the seed).
+
+Shared by kernels/lora_linear.py and kernels/norm_lora.py. Read top to bottom: the kernels, their
+launch configurations per architecture, the host launchers.
+"""
+
+from __future__ import annotations
+
+import torch
+from bridge.kernels._triton_common import (
+    HAS_TRITON,
+    autotuned,
+    cfg,
+    current_arch,
+    dot_operand,
+    dropout_args,
+    launch_common,
+    load_f32,
+    rank_block,
+    tl,
+    triton,
+)
+from bridge.kernels.philox import keep_mask
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_linear_shrink_kernel(
+        x_ptr,  # [M, K] input (strided), x dtype
+        a_ptr,  # [R, K] lora_a (strided)
+        s_ptr,  # [M, R] fp32 output S, contiguous
+        seed_ptr,  # int64 [1] dropout seed (read only when HAS_DROPOUT)
+        M, K, R,  # sizes (runtime: a new rank or length never recompiles)
+        stride_xm, stride_xk,  # x strides (elements)
+        stride_ar, stride_ak,  # lora_a strides
+        p,  # fp32 dropout probability
+        keep_scale,  # fp32 1 / (1 - p)
+        HAS_DROPOUT: tl.constexpr,  # apply the 'pre' mask of x [M, K]
+        INTERPRET: tl.constexpr,  # running in the CPU interpreter: upcast after loads
+        PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+        BLOCK_M: tl.constexpr,  # rows of x per program
+        BLOCK_K: tl.constexpr,  # reduction step
+        BLOCK_R: tl.constexpr,  # rank tile (padded rank bucket, >= 16)
+    ):
+        """S[m, j] = sum_k x~[m, k] A[j, k], x~ = x * m / (1 - p): grid (M tiles, R tiles)."""
+        pid_m = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rk0 = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        r_ok = rr < R
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        a_cols = a_ptr + rr.to(tl.int64)[None, :] * stride_ar
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + rk0
+            k_ok = rk < K
+            x = load_f32(x_rows + rk[None, :] * stride_xk, m_ok[:, None] & k_ok[None, :], INTERPRET)
+            if HAS_DROPOUT:
+                # zeroing is exact; the 1/(1-p) factor is applied once, in fp32, at the end
+                x = tl.where(keep_mask(seed, rm, rk, K, p), x, tl.zeros_like(x))
+            a = load_f32(a_cols + rk[:, None] * stride_ak, k_ok[:, None] & r_ok[None, :], INTERPRET)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            acc = acc * keep_scale
+        s_ptrs = s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
+        tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_linear_bwd_dsdb_kernel(
+        dy_ptr,  # [M, N] upstream gradient (strided; stride 0 when expanded)
+        b_ptr,  # [N, R] lora_b (strided)
+        s_ptr,  # [M, R] fp32 S saved by the forward, contiguous
+        ds_ptr,  # [M, R] fp32 output dS, contiguous
+        dbp_ptr,  # [cdiv(M, BLOCK_M), N, R] fp32 output: per-row-tile partial dB, contiguous
+        seed_ptr,  # int64 [1] seed (read only when POST_DROPOUT)
+        M, N, R,  # sizes
+        stride_dym, stride_dyn,  # dY strides
+        stride_bn, stride_br,  # lora_b strides
+        scale,  # fp32 s
+        p,  # fp32 dropout probability ('post' only)
+        keep_scale,  # fp32 1 / (1 - p)
+        POST_DROPOUT: tl.constexpr,  # dY of the low-rank term is dY * m / (1 - p)
+        WRITE_DB: tl.constexpr,  # write the dB partials (else the host computes dB itself)
+        INTERPRET: tl.constexpr,  # CPU interpreter: upcast after loads
+        PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+        BLOCK_M: tl.constexpr,  # rows per program (host-chosen: it sizes the dB partials)
+        BLOCK_N: tl.constexpr,  # N step
+        BLOCK_R: tl.constexpr,  # rank tile
+    ):
+        """One pass over dY: dS = s dY B [M, R] and the partial dB_t = s dY_t^T S_t [N, R] of
+        each row tile t (summed on the host, deterministically). G = dY * m / (1-p) for 'post'."""
+        pid_m = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rn0 = tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        r_ok = rr < R
+        g_scale = scale
+        if POST_DROPOUT:
+            seed = tl.load(seed_ptr)
+            g_scale = scale * keep_scale
+        op_dtype = b_ptr.dtype.element_ty
+        s = tl.load(s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        s = dot_operand(s, op_dtype, INTERPRET)
+        dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
+        b_rows = b_ptr + rr.to(tl.int64)[None, :] * stride_br
+        dbp_rows = dbp_ptr + pid_m.to(tl.int64) * N * R + rr[None, :]
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + rn0
+            n_ok = rn < N
+            dy = load_f32(dy_rows + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :],
+                          INTERPRET)
+            if POST_DROPOUT:
+                dy = tl.where(keep_mask(seed, rm, rn, N, p), dy, tl.zeros_like(dy))
+            b = load_f32(b_rows + rn.to(tl.int64)[:, None] * stride_bn,
+                         n_ok[:, None] & r_ok[None, :], INTERPRET)
+            ds = tl.dot(dy, b, ds, input_precision=PRECISION)
+            if WRITE_DB:
+                dbp = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
+                tl.store(dbp_rows + rn.to(tl.int64)[:, None] * R, dbp * g_scale,
+                         mask=n_ok[:, None] & r_ok[None, :])
+        tl.store(ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], ds * g_scale,
+                 mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_linear_bwd_da_kernel(
+        ds_ptr,  # [M, R] fp32 dS, contiguous
+        x_ptr,  # [M, K] input (strided)
+        da_ptr,  # [R, K] output dA, contiguous
+        seed_ptr,  # int64 [1] seed (read only when PRE_DROPOUT)
+        M, K, R,  # sizes
+        stride_xm, stride_xk,  # x strides
+        p,  # fp32 dropout probability ('pre' only)
+        keep_scale,  # fp32 1 / (1 - p)
+        PRE_DROPOUT: tl.constexpr,  # regenerate x~ = x * m / (1 - p) from x and the seed
+        INTERPRET: tl.constexpr,  # CPU interpreter: upcast after loads
+        PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+        BLOCK_K: tl.constexpr,  # output columns per program
+        BLOCK_M: tl.constexpr,  # reduction step over M
+        BLOCK_R: tl.constexpr,  # output rank rows per program
+    ):
+        """dA = dS^T x~ [R, K], reducing over M inside the program (deterministic)."""
+        pid_k = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm0 = tl.arange(0, BLOCK_M)
+        k_ok = rk < K
+        r_ok = rr < R
+        if PRE_DROPOUT:
+            seed = tl.load(seed_ptr)
+        op_dtype = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + rm0
+            m_ok = rm < M
+            ds_t = tl.load(ds_ptr + rm.to(tl.int64)[None, :] * R + rr[:, None],
+                           mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+            x = load_f32(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                         m_ok[:, None] & k_ok[None, :], INTERPRET)
+            if PRE_DROPOUT:
+                x = tl.where(keep_mask(seed, rm, rk, K, p), x, tl.zeros_like(x))
+            acc = tl.dot(dot_operand(ds_t, op_dtype, INTERPRET), x, acc, input_precision=PRECISION)
+        if PRE_DROPOUT:
+            acc = acc * keep_scale
+        da_ptrs = da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :]
+        tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations. One named list per architecture and kernel, autotuned per (N or K, rank
+# bucket). Rank tiles (BLOCK_R) come from the rank bucket (_triton_common.rank_block).
+# ---------------------------------------------------------------------------------------------
+
+# dS/dB: BLOCK_M sizes the dB partials buffer [cdiv(M, BLOCK_M), N, r], so it is fixed per arch
+# (128 rows: 1/128 of dY's bytes per rank column; the host sums them) rather than autotuned.
+DSDB_BLOCK_M = {"sm80": 128, "sm90": 128, "interpret": 64}
+DB_PARTIALS_MAX_BYTES = 256 << 20  # above this, dB is its own GEMM (see launch_dsdb)
+
+
+def _configs_sm80() -> dict[str, list]:
+    """A100 (sm_80, 164 KB smem/SM). Every entry compiles without register spills."""
+    return {
+        # shrink: streams x once per rank tile; the 'pre' mask of the x tile sets the budget
+        "shrink": [
+            cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+            cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+            cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+        ],
+        # dS/dB: 8 warps hold the [128, BLOCK_R] dS accumulator and the S tile without spilling
+        "dsdb": [cfg(8, 3, BLOCK_N=64), cfg(8, 3, BLOCK_N=32)],
+        # dA: output [r, K] is small, the reduction over M long; wide K tiles for parallelism
+        "da": [
+            cfg(4, 3, BLOCK_K=64, BLOCK_M=64),
+            cfg(8, 3, BLOCK_K=128, BLOCK_M=64),
+        ],
+    }
+
+
+def _configs_sm90() -> dict[str, list]:
+    """H100 (sm_90a, 228 KB smem/SM): deeper pipelines."""
+    return {
+        "shrink": [
+            cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+            cfg(8, 4, BLOCK_M=128, BLOCK_K=64),
+        ],
+        "dsdb": [cfg(8, 4, BLOCK_N=64), cfg(8, 4, BLOCK_N=32)],
+        "da": [
+            cfg(4, 4, BLOCK_K=64, BLOCK_M=64),
+            cfg(8, 4, BLOCK_K=128, BLOCK_M=64),
+            cfg(8, 4, BLOCK_K=128, BLOCK_M=128),
+        ],
+    }
+
+
+def _configs_interpret() -> dict[str, list]:
+    """CPU interpreter: one big-block config per kernel (fewer, larger programs are faster)."""
+    return {
+        "shrink": [cfg(4, 1, BLOCK_M=64, BLOCK_K=64)],
+        "dsdb": [cfg(4, 1, BLOCK_N=64)],
+        "da": [cfg(4, 1, BLOCK_K=64, BLOCK_M=64)],
+    }
+
+
+_CONFIGS = {"sm80": _configs_sm80, "sm90": _configs_sm90, "interpret": _configs_interpret}
+
+
+def configs(arch: str, name: str) -> list:
+    """Config list of kernel ``name`` for ``arch`` (sm80 | sm90 | interpret)."""
+    return _CONFIGS[arch]()[name]
+
+
+_AUTOTUNE_KEYS = {"shrink": ("K", "R"), "dsdb": ("N", "R"), "da": ("K", "R")}
+
+
+def _kernel(kernel, name: str, device: torch.device):
+    """The autotuned launcher of ``kernel`` with the config list ``name`` for this device."""
+    return autotuned(kernel, current_arch(device), name, configs, _AUTOTUNE_KEYS[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers (2-D in, 2-D out). ``seed`` (int64 tensor [1]) turns on the dropout mask of the
+# tensor that kernel handles and ``p`` is its probability: shrink/da take the 'pre' seed (mask of
+# x [M, K]); dsdb the 'post' seed (mask of y [M, N]). seed=None or p=0 means no mask.
+# ---------------------------------------------------------------------------------------------
+
+
+def launch_shrink(x2d: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor | None = None,
+                   p: float = 0.0) -> torch.Tensor:
+    """S = x~ A^T: x2d [M, K] (any strides), lora_a [r, K] -> S [M, r] fp32, contiguous.
+    x~ = x * m / (1 - p) with the 'pre' mask of ``seed`` when given (philox.py)."""
+    m, k = x2d.shape
+    r = lora_a.shape[0]
+    s_mat = torch.empty((m, r), dtype=torch.float32, device=x2d.device)
+    if m == 0:
+        return s_mat
+    on, seed_arg, p_arg, keep = dropout_args(seed, p, s_mat)
+    block_r = rank_block(r)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+    _kernel(_lora_linear_shrink_kernel, "shrink", x2d.device)[grid](
+        x2d, lora_a, s_mat, seed_arg, m, k, r, x2d.stride(0), x2d.stride(1),
+        lora_a.stride(0), lora_a.stride(1), p_arg, keep, HAS_DROPOUT=on,
+        BLOCK_R=block_r, **launch_common(x2d.device, x2d.dtype))
+    return s_mat
+
+
+
+def launch_dsdb(dy2d: torch.Tensor, lora_b: torch.Tensor, s_mat: torch.Tensor, scale: float, *,
+                 seed: torch.Tensor | None = None, p: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = s G B and dB = s G^T S from one pass over dY, G = dY (* m / (1 - p) with the 'post'
+    ``seed``): dy2d [M, N] (any strides, stride 0 included), lora_b [N, r], s_mat [M, r] fp32 ->
+    (dS [M, r] fp32 contiguous, dB [N, r] in lora_b's dtype). dB is reduced over row tiles on
+    the host in fp32 (deterministic, no atomics)."""
+    m, n = dy2d.shape
+    r = lora_b.shape[1]
+    ds = torch.empty((m, r), dtype=torch.float32, device=dy2d.device)
+    if m == 0:
+        return ds, lora_b.new_zeros(lora_b.shape)  # contiguous, as the fake says
+    arch = current_arch(dy2d.device)
+    block_m, block_r = DSDB_BLOCK_M[arch], rank_block(r)
+    tiles_m = triton.cdiv(m, block_m)
+    on, seed_arg, p_arg, keep = dropout_args(seed, p, ds)
+    # The fp32 dB partials cost tiles_m * N * r * 4 bytes (0.47 GB at M=16384, N=14336, r=64);
+    # past DB_PARTIALS_MAX_BYTES, and with no 'post' mask on dY, dB = s dY^T S is one more GEMM
+    # (about the same traffic: one more read of dY instead of writing and reading the partials).
+    write_db = on or tiles_m * n * r * 4 <= DB_PARTIALS_MAX_BYTES
+    partial = torch.empty((tiles_m, n, r) if write_db else (1,), dtype=torch.float32,
+                          device=dy2d.device)
+    s_c = s_mat.contiguous()
+    grid = (tiles_m, triton.cdiv(r, block_r))
+    _kernel(_lora_linear_bwd_dsdb_kernel, "dsdb", dy2d.device)[grid](
+        dy2d, lora_b, s_c, ds, partial, seed_arg, m, n, r,
+        dy2d.stride(0), dy2d.stride(1), lora_b.stride(0), lora_b.stride(1), float(scale), p_arg,
+        keep, POST_DROPOUT=on, WRITE_DB=write_db, BLOCK_M=block_m, BLOCK_R=block_r,
+        **launch_common(dy2d.device, dy2d.dtype))
+    if not write_db:  # s S rounded once to dY's dtype, as the forward's tensor-core operand is
+        return ds, (dy2d.t() @ (s_c * scale).to(dy2d.dtype)).to(lora_b.dtype)
+    db = partial[0] if tiles_m == 1 else partial.sum(0)
+    return ds, db.to(lora_b.dtype)
+
+
+
+def launch_da(ds: torch.Tensor, x2d: torch.Tensor, *, seed: torch.Tensor | None = None,
+               p: float = 0.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dA = dS^T x~: ds [M, r] fp32 contiguous, x2d [M, K] (any strides) -> dA [r, K] contiguous
+    in ``out_dtype`` (default x's dtype); x~ regenerated from x and the 'pre' ``seed``."""
+    m, k = x2d.shape
+    r = ds.shape[1]
+    da = torch.empty((r, k), dtype=out_dtype or x2d.dtype, device=x2d.device)
+    if m == 0:
+        return da.zero_()
+    on, seed_arg, p_arg, keep = dropout_args(seed, p, da)
+    block_r = rank_block(r)
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(r, block_r))
+    _kernel(_lora_linear_bwd_da_kernel, "da", x2d.device)[grid](
+        ds.contiguous(), x2d, da, seed_arg, m, k, r, x2d.stride(0), x2d.stride(1), p_arg, keep,
+        PRE_DROPOUT=on, BLOCK_R=block_r, **launch_common(x2d.device, x2d.dtype))
+    return da
+
+
