@@ -33,6 +33,8 @@ import importlib.util  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.numerics import rel_err  # noqa: E402,F401  (re-exported: older tests import it here)
+
 KERNEL_SKIP_REASON = "needs TRITON_INTERPRET=1 on the CPU or BRIDGE_TEST_GPU=1 with a CUDA GPU"
 
 
@@ -65,12 +67,6 @@ def cpu_kernel_device_only(why: str) -> pytest.MarkDecorator:
     """Skip marker for kernel tests that only make sense with the interpreter on the CPU."""
     return pytest.mark.skipif(KERNEL_DEVICE != "cpu",
                               reason=f"CPU/interpreter-only check ({why}); kernels run on CUDA here")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64: how every kernel test compares with the reference."""
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def install_megatron_cpu_shims() -> None:

@@ -1,0 +1,66 @@
+"""Numerics shared by the tests and the benchmarks: tolerances per dtype, the relative error every
+comparison uses, and the random input factories (written once; import them, never copy them).
+
+Tolerances are relative-norm bounds ||out - ref|| / ||ref|| against the fp64 reference, about one
+ulp of the storage type for outputs rounded once from fp32 accumulators (bf16 2^-7, fp16 2^-10),
+fp32 far above its rounding. ``"op"`` covers one fused op (a GEMM and the low-rank term); ``"chain"``
+covers several ops rounded in sequence (a norm in front of the GEMM, a whole layer), which may
+round a few times more.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TOLS = {
+    "op": {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12},
+    "chain": {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2,
+              torch.float64: 1e-12},
+}
+
+
+def dtype_tol(dtype: torch.dtype, kind: str = "op") -> float:
+    """Relative-norm tolerance for results computed in ``dtype`` (``kind``: "op" | "chain")."""
+    try:
+        return _TOLS[kind][dtype]
+    except KeyError:
+        raise ValueError(f"no tolerance for kind={kind!r}, dtype={dtype}") from None
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64: how every kernel test compares with the reference."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    """Assert shapes agree and rel_err(out, ref) < tol, naming ``what`` and the error."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def lora_inputs(lead: tuple[int, ...], k: int, n: int, r: int, dtype: torch.dtype, *,
+                bias: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                requires_grad: bool = True):
+    """Fresh random (x [*lead, K], W [N, K], b [N] or None, A [r, K], B [N, r]) at the scale of a
+    real layer (never zeros: B is random, not LoRA's zero init), drawn on the CPU from ``seed``
+    (the same values on every device) and placed on ``device`` in ``dtype``. W is frozen; x, b, A
+    and B require grad when ``requires_grad``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def on(t: torch.Tensor, grad: bool) -> torch.Tensor:
+        t = t.to(device=device, dtype=dtype)
+        return t.requires_grad_() if grad and requires_grad else t
+
+    x = on(torch.randn(*lead, k, generator=g), True)
+    w = on(torch.randn(n, k, generator=g) / k**0.5, False)
+    b = on(torch.randn(n, generator=g), True) if bias else None
+    a = on(torch.randn(r, k, generator=g) / k**0.5, True)
+    bb = on(torch.randn(n, r, generator=g), True)
+    return x, w, b, a, bb
+
+
+def grads(*tensors):
+    """The ``.grad`` of each tensor (None for None)."""
+    return [None if t is None else t.grad for t in tensors]
