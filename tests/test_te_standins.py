@@ -1,6 +1,6 @@
 """The transformer-engine stand-ins (tests/te_standins.py) behave as the real layers do.
 
-At TP=1 (here) and TP=2 (two spawned processes on gloo), with and without sequence parallelism:
+At TP=1 (here; TP=2 with and without sequence parallelism in test_te_standins_tp2.py):
 each stand-in built from a seed has megatron-core's own weights for that seed, and its outputs,
 returned bias and gradients equal megatron-core's local ColumnParallelLinear / RowParallelLinear
 (or a norm followed by ColumnParallelLinear, or a plain fp64 computation); its returned tuples
@@ -12,12 +12,8 @@ without LoRA on all four targets.
 
 from __future__ import annotations
 
-import os
-import traceback
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tests.numerics import rel_err
@@ -27,6 +23,7 @@ pytest.importorskip("megatron.core", reason="megatron-core not installed (pip in
 SEED = 1234
 K, N, S, B = 16, 24, 6, 2  # in, out features; sequence, batch
 TOL = dict(rtol=1e-6, atol=1e-6)
+pytestmark = pytest.mark.usefixtures("megatron_tp1")
 
 
 def _cfg(**kw):
@@ -63,11 +60,6 @@ def _rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-# ---- TP=1 --------------------------------------------------------------------------------------
-pytestmark_tp1 = pytest.mark.usefixtures("megatron_tp1")
-
-
-@pytestmark_tp1
 def test_recognised_as_transformer_engine():
     from bridge.peft.fused_forward import base_kind
     from bridge.peft.utils import get_adapter_attributes_from_linear, is_te_module, te_parallel_mode
@@ -96,7 +88,6 @@ def test_recognised_as_transformer_engine():
     assert attrs.input_is_parallel and (attrs.in_features, attrs.out_features) == (N, K)
 
 
-@pytestmark_tp1
 @pytest.mark.parametrize("make, error, message", [
     (lambda te, c: te.TEColumnParallelLinear(K, N, config=c, init_method=_init, gather_output=True,
                                              bias=True, skip_bias_add=False, is_expert=False),
@@ -129,7 +120,6 @@ def test_constructor_contract(make, error, message):
         make(te, _cfg())
 
 
-@pytestmark_tp1
 def test_parameter_names_empty_bias_extra_state_and_attributes():
     from tests import te_standins as te
 
@@ -161,7 +151,6 @@ def test_parameter_names_empty_bias_extra_state_and_attributes():
     assert repr(col) == f"TEColumnParallelLinear(in_features={K}, out_features={N}, bias=False, TP=1)"
 
 
-@pytestmark_tp1
 def test_sharded_state_dict_as_megatron_shards_it():
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
@@ -180,7 +169,6 @@ def test_sharded_state_dict_as_megatron_shards_it():
         "d.weight", "d._extra_state"}
 
 
-@pytestmark_tp1
 @pytest.mark.parametrize("kind", ["column", "row"])
 @pytest.mark.parametrize("bias, skip_bias_add", [(True, False), (True, True), (False, True)])
 def test_equals_megatron_local_layer(kind, bias, skip_bias_add):
@@ -218,7 +206,6 @@ def _ln_ref(x, w, b, normalization, zcg, eps=1e-5):
     return (x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + eps) * gamma + b
 
 
-@pytestmark_tp1
 @pytest.mark.parametrize("normalization, zcg", [("LayerNorm", False), ("RMSNorm", False),
                                                 ("LayerNorm", True)])
 @pytest.mark.parametrize("skip_bias_add", [False, True])
@@ -263,7 +250,6 @@ def test_layernorm_linear_equals_fp64(normalization, zcg, skip_bias_add, return_
         assert rel_err(g, g64) < 1e-6, name
 
 
-@pytestmark_tp1
 @pytest.mark.parametrize("skip_bias_add", [False, True])
 def test_grouped_linear_equals_fp64_per_expert(skip_bias_add):
     from tests import te_standins as te
@@ -300,7 +286,6 @@ def _qdq64(t: torch.Tensor) -> torch.Tensor:
     return (t.detach().double() * scale).to(torch.float8_e4m3fn).double() / scale
 
 
-@pytestmark_tp1
 def test_fp8_autocast_quantises_the_gemm_operands_and_sets_the_flags():
     from tests import te_standins as te
 
@@ -319,7 +304,6 @@ def test_fp8_autocast_quantises_the_gemm_operands_and_sets_the_flags():
     assert m.fp8 is False and torch.equal(y_after, y0)
 
 
-@pytestmark_tp1
 def test_fp8_model_init_gives_float8_tensor_weights():
     from tests import te_standins as te
 
@@ -341,7 +325,6 @@ def test_fp8_model_init_gives_float8_tensor_weights():
     assert not isinstance(build("row", cfg).weight, te.QuantizedTensor)
 
 
-@pytestmark_tp1
 def test_delay_wgrad_compute_holds_weight_grads_until_backward_dw():
     cfg = _cfg()
     cfg.delay_wgrad_compute = True  # megatron's config only allows it with MoE overlap; set after
@@ -358,14 +341,12 @@ def test_delay_wgrad_compute_holds_weight_grads_until_backward_dw():
     assert rel_err(m.weight.grad, dw) < 1e-6
 
 
-@pytestmark_tp1
 def test_dtype_mismatch_is_refused_as_te_refuses_it():
     m = build("lncol", _cfg())
     with pytest.raises(TypeError, match="Data types for parameters must match .* 'layer_norm_weight'"):
         m(torch.randn(S, B, K, dtype=torch.bfloat16))
 
 
-@pytestmark_tp1
 def test_userbuffer_flags_follow_te_and_unsupported_buffers_turn_overlap_off():
     cfg = _cfg(tp_comm_overlap=True)
     m = build("lncol", cfg, tp_comm_buffer_name="qkv")
@@ -376,7 +357,6 @@ def test_userbuffer_flags_follow_te_and_unsupported_buffers_turn_overlap_off():
     assert cfg.tp_comm_overlap is False  # megatron switches it off on the shared config
 
 
-@pytestmark_tp1
 @pytest.mark.parametrize("drop", [True, False])
 def test_gathered_layernorm_output_grad_is_dropped_as_te_drops_it(drop):
     """TE's backward adds the returned layernorm output's gradient only when it was returned
@@ -434,7 +414,6 @@ def _local_gpt_and_te_gpt(te_spec_fn, lora_backend):
     return local, te_gpt, mapping
 
 
-@pytestmark_tp1
 @pytest.mark.parametrize("lora_backend", [None, "eager", "auto"])
 def test_te_spec_gpt_equals_local_spec_gpt(lora_backend):
     """A GPT from the TE-shaped spec (norms fused into linear_qkv / linear_fc1, TE row linears)
@@ -473,175 +452,3 @@ def test_te_spec_gpt_equals_local_spec_gpt(lora_backend):
         assert rel_err(grads_te[mapping[name]], g) < 1e-4, name
     if lora_backend:  # exactly the adapters train: A and B of 4 targets in each of 2 layers
         assert len(grads) == 16 and all(".adapter.linear_" in n for n in grads)
-
-
-# ---- TP=2: one spawn for every case --------------------------------------------------------------
-TP = 2
-TP2_CASES = ["column", "column-sp", "row", "row-sp", "lncol-LayerNorm", "lncol-LayerNorm-sp",
-             "lncol-RMSNorm-sp", "lncol-gathered-sp", "lncol-gathered-full-grad-sp",
-             "ub-flags-sp", "duplicated-sp", "grouped-explicit-comm", "bridge-utils-ub-overlap-sp"]
-
-
-def _norm32(x, w, b, normalization, eps=1e-5):
-    if normalization == "RMSNorm":
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-
-
-def _tp2_case(name: str, rank: int) -> None:
-    """Run one TP=2 case on this rank; raise AssertionError on any mismatch."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import mappings
-
-    from tests import te_standins as te
-
-    sp = name.endswith("-sp")
-    group = parallel_state.get_tensor_model_parallel_group()
-    cfg = _cfg(tensor_model_parallel_size=TP, sequence_parallel=sp,
-               normalization="RMSNorm" if "RMSNorm" in name else "LayerNorm")
-    s_local = S // TP if sp else S
-    if name.startswith(("column", "row")):
-        kind = name.split("-")[0]
-        te_layer, local = build(kind, cfg), build(kind, cfg, local=True)
-        assert torch.equal(te_layer.weight, local.weight), "same seed, same shard"
-        assert te_layer.sequence_parallel is sp and te_layer.tp_size == TP
-        if kind == "column":  # replicated (or this rank's sequence chunk with SP)
-            x = _rand(S, B, K, seed=1).chunk(TP if sp else 1)[rank if sp else 0]
-        else:  # split on K, the whole sequence
-            x = _rand(S, B, N // TP, seed=1 + rank)
-        res = []
-        for layer in (te_layer, local):
-            with torch.no_grad():
-                layer.bias.copy_(_rand(layer.bias.shape[0], seed=2 + rank))
-            xi = x.clone().requires_grad_(True)
-            y, b = layer(xi)
-            (y * _rand(*y.shape, seed=3 + rank)).sum().backward()
-            res.append((y, xi.grad))
-        y_shape = (S, B, N // TP) if kind == "column" else (s_local, B, K)
-        assert tuple(res[0][0].shape) == y_shape, res[0][0].shape
-        sharded = te_layer.sharded_state_dict(prefix="l.")["l.weight"]  # megatron's axes
-        axis = 0 if kind == "column" else 1
-        full = (N, K) if kind == "column" else (K, N)
-        assert tuple(sharded.global_shape) == full
-        assert sharded.global_offset[axis] == rank * full[axis] // TP
-        for a, b_ in zip(res[0], res[1], strict=True):
-            torch.testing.assert_close(a, b_, **TOL)
-    elif name.startswith("lncol"):
-        m = build("lncol", cfg, bias=False)
-        local = build("column", cfg, bias=False, local=True)
-        assert torch.equal(m.weight, local.weight)
-        gathered = "gathered" in name
-        m.return_layernorm_output = True
-        m.return_layernorm_output_gathered = gathered
-        m.drop_gathered_ln_out_grad = "full-grad" not in name
-        params = [m.layer_norm_weight] + ([m.layer_norm_bias] if m.layer_norm_bias is not None
-                                          else [])
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(_rand(K, seed=20 + i) * 0.3 + (1 - i))  # equal on every rank
-        assert all(p.sequence_parallel is sp for p in params)
-        x = _rand(S, B, K, seed=5).chunk(TP if sp else 1)[rank if sp else 0]
-        x = x.contiguous().requires_grad_(True)
-        (y, ln), _ = m(x)
-        assert tuple(ln.shape) == ((S if gathered else s_local), B, K)
-        gy = _rand(*y.shape, seed=6 + rank)
-        gl = _rand(*ln.shape, seed=7 + rank)
-        grads = torch.autograd.grad((y * gy).sum() + (ln * gl).sum(), [x, *params])
-        x2 = x.detach().clone().requires_grad_(True)
-        ref = [p.detach().clone().requires_grad_(True) for p in params]
-        # the oracle: the norm on this rank's rows, then megatron's column linear (which gathers
-        # the sequence itself under SP)
-        ln2 = _norm32(x2, ref[0], ref[1] if len(ref) > 1 else None, cfg.normalization)
-        y2, _ = local(ln2)
-        ln_back = ln2
-        if gathered:
-            ln_back = mappings.gather_from_sequence_parallel_region(
-                ln2, tensor_parallel_output_grad=True, group=group)
-        loss2 = (y2 * gy).sum()
-        if not (gathered and m.drop_gathered_ln_out_grad):
-            loss2 = loss2 + (ln_back * gl).sum()
-        grads2 = torch.autograd.grad(loss2, [x2, *ref])
-        torch.testing.assert_close(y, y2, **TOL)
-        torch.testing.assert_close(ln, ln_back, **TOL)
-        for g, g2 in zip(grads, grads2, strict=True):
-            torch.testing.assert_close(g, g2, **TOL)
-    elif name == "ub-flags-sp":
-        on = _cfg(tensor_model_parallel_size=TP, sequence_parallel=True, tp_comm_overlap=True)
-        ln = build("lncol", on, tp_comm_buffer_name="qkv")
-        assert (ln.ub_overlap_ag_fprop, ln.ub_overlap_rs_dgrad, ln.ub_bulk_wgrad,
-                ln.ub_bulk_dgrad, ln.ub_overlap_rs_fprop) == (True, False, True, True, False)
-        assert not hasattr(ln, "ub_overlap_ag")  # TE's LayerNormLinear has only the *_fprop flag
-        col = build("column", on, tp_comm_buffer_name="fc1")
-        assert (col.ub_overlap_ag_fprop, col.ub_overlap_rs_fprop) == (True, False)
-        row = build("row", on, tp_comm_buffer_name="proj")
-        assert (row.ub_overlap_rs_fprop, row.ub_overlap_ag_dgrad, row.ub_overlap_ag_fprop) == \
-            (True, True, False)
-        on.tp_comm_overlap_disable_qkv = True
-        assert build("lncol", on, tp_comm_buffer_name="qkv").ub_overlap_ag_fprop is False
-        off = build("lncol", cfg, tp_comm_buffer_name="qkv")  # SP on, overlap off
-        assert not any(getattr(off, f) for f in ("ub_overlap_ag_fprop", "ub_bulk_wgrad"))
-    elif name == "duplicated-sp":
-        dup = te.TELinear(K, N, parallel_mode="duplicated", config=cfg, init_method=_init,
-                          bias=True, skip_bias_add=False, skip_weight_param_allocation=False)
-        assert (dup.tp_size, dup.tp_group, dup.parallel_mode, dup.sequence_parallel) == \
-            (1, None, None, False)
-        assert dup._tp_group is group
-        assert dup.weight.sequence_parallel is True and dup.bias.sequence_parallel is True
-        x = _rand(s_local, B, K, seed=1 + rank)  # this rank's sequence chunk: no communication
-        y, _ = dup(x)
-        assert rel_err(y, x.double() @ dup.weight.double().t() + dup.bias.double()) < 1e-6
-    elif name == "grouped-explicit-comm":
-        col = te.TEColumnParallelGroupedLinear(2, K, N, config=cfg, init_method=_init, bias=True,
-                                               skip_bias_add=False, is_expert=True)
-        row = te.TERowParallelGroupedLinear(2, N, K, config=cfg, init_method=_init, bias=False,
-                                            skip_bias_add=False, is_expert=True)
-        for m, shape in ((col, (N // TP, K)), (row, (K, N // TP))):
-            assert m.explicit_expert_comm and m.parallel_mode is None and m.tp_size == 1
-            assert tuple(m.weight0.shape) == shape and m.tp_group is None
-        x = _rand(5, K, seed=1 + rank)
-        y, _ = col(x, [3, 2])
-        ref = torch.cat([x[:3].double() @ col.weight0.double().t() + col.bias0.double(),
-                         x[3:].double() @ col.weight1.double().t() + col.bias1.double()])
-        assert rel_err(y, ref) < 1e-6
-        z, _ = row(y.detach(), [3, 2])
-        assert tuple(z.shape) == (5, K)
-    elif name == "bridge-utils-ub-overlap-sp":
-        from bridge.peft.utils import get_adapter_attributes_from_linear
-
-        on = _cfg(tensor_model_parallel_size=TP, sequence_parallel=True, tp_comm_overlap=True)
-        ln = build("lncol", on, tp_comm_buffer_name="qkv")
-        assert ln.ub_overlap_ag_fprop
-        attrs = get_adapter_attributes_from_linear(ln)
-        # with the all-gather overlapped in userbuffers the layer cannot return its gathered
-        # layernorm output, so the adapter must gather itself
-        assert not ln.return_layernorm_output_gathered, "gathered output asked under ub overlap"
-        assert not attrs.disable_sequence_parallel_comm, "the adapter's own gather was disabled"
-    else:
-        raise ValueError(name)
-
-
-def tp2_worker(rank: int, out_dir: str) -> None:
-    results = {}
-    for name in TP2_CASES:
-        try:
-            _tp2_case(name, rank)
-            results[name] = ""
-        except Exception:  # recorded: the test of this case fails with the traceback
-            results[name] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-@pytest.fixture(scope="module")
-def tp2_results(tmp_path_factory):
-    from tests.megatron_utils import spawn_gloo
-
-    out = tmp_path_factory.mktemp("te_tp2")
-    spawn_gloo(tp2_worker, str(out), world_size=TP, tp=TP, args=(str(out),))
-    return [torch.load(out / f"rank{r}.pt") for r in range(TP)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TP2_CASES)
-def test_tp2(name, tp2_results):
-    for rank, res in enumerate(tp2_results):
-        assert not res[name], f"rank {rank}:\n{res[name]}"
