@@ -1,5 +1,7 @@
 """The low-rank kernels of the LoRA linear: the shrink S = x~ A^T, dS/dB from one pass over dY,
-and dA = dS^T x~ (x~ regenerated from x and the seed).
+dA = dS^T x~ (x~ regenerated from x and the seed), and the expand E = alpha L F^T (masked, plus a
+bias) that the ``cublas`` GEMM strategy hands to cuBLAS as the addend of its GEMM: P = s S B^T
+(+ b) in the forward, Q = (dS A) * m / (1 - p) in the backward (kernels/gemm_strategy.py).
 
 Shared by kernels/lora_linear.py and kernels/norm_lora.py. Read top to bottom: the kernels, their
 launch configurations per architecture, the host launchers.
@@ -174,6 +176,57 @@ if HAS_TRITON:
         da_ptrs = da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :]
         tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
 
+    @triton.jit
+    def _lora_expand_kernel(
+        l_ptr,  # [M, R] fp32 left factor (S, or dS), contiguous
+        f_ptr,  # [C, R] right factor (strided): lora_b [N, r] as is, or lora_a [r, K] read as A^T
+        bias_ptr,  # [C] bias, contiguous (read only when HAS_BIAS)
+        out_ptr,  # [M, C] output, contiguous, in the dtype of the tensor cuBLAS adds it to
+        seed_ptr,  # int64 [1] seed (read only when HAS_DROPOUT)
+        M, C, R,  # sizes
+        stride_fc, stride_fr,  # strides of the right factor as [C, R]
+        alpha,  # fp32 factor of the product (the LoRA scale s, or 1 for dS, which carries it)
+        p,  # fp32 dropout probability
+        keep_scale,  # fp32 1 / (1 - p)
+        HAS_BIAS: tl.constexpr,  # add the bias (the forward folds the base bias into P)
+        HAS_DROPOUT: tl.constexpr,  # mask of the logical [M, C] tensor: y ('post') or x ('pre')
+        INTERPRET: tl.constexpr,  # CPU interpreter: upcast after loads
+        PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,  # output tile
+        BLOCK_R: tl.constexpr,  # rank step (the padded rank bucket)
+    ):
+        """E = alpha (L F^T) (* m / (1 - p)) (+ bias): grid (M tiles, C tiles). The product is
+        accumulated in fp32 and scaled there (never alpha rounded into an operand); the mask is
+        the Philox stream of kernels/philox.py for element (row, col) of [M, C], the same bits
+        the fused GEMMs draw for y ('post') or x ('pre'). Memory-bound: E is written once."""
+        pid_m = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        rr0 = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        c_ok = rc < C
+        op_dtype = f_ptr.dtype.element_ty
+        l_rows = l_ptr + rm.to(tl.int64)[:, None] * R
+        f_cols = f_ptr + rc.to(tl.int64)[None, :] * stride_fc
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + rr0
+            r_ok = rr < R
+            lt = tl.load(l_rows + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            ft = load_f32(f_cols + rr.to(tl.int64)[:, None] * stride_fr,
+                          r_ok[:, None] & c_ok[None, :], INTERPRET)
+            acc = tl.dot(dot_operand(lt, op_dtype, INTERPRET), ft, acc, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = keep_mask(tl.load(seed_ptr), rm, rc, C, p)
+            acc = tl.where(keep, acc * (alpha * keep_scale), 0.0)
+        else:
+            acc = acc * alpha
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
 # ---------------------------------------------------------------------------------------------
 # Launch configurations. One named list per architecture and kernel, autotuned per (N or K, rank
 # bucket). Rank tiles (BLOCK_R) come from the rank bucket (_triton_common.rank_block).
@@ -201,6 +254,16 @@ def _configs_sm80() -> dict[str, list]:
             cfg(4, 3, BLOCK_K=64, BLOCK_M=64),
             cfg(8, 3, BLOCK_K=128, BLOCK_M=64),
         ],
+        # expand: a store-bound [BM, BC] tile after a one- or two-step rank loop (wide tiles,
+        # 16-byte stores); masked: <= 32 Philox elements per thread, as in the GEMMs
+        "expand": [
+            cfg(8, 2, BLOCK_M=128, BLOCK_C=128),
+            cfg(4, 2, BLOCK_M=64, BLOCK_C=128),
+        ],
+        "expand_masked": [
+            cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
+            cfg(4, 2, BLOCK_M=64, BLOCK_C=64),
+        ],
     }
 
 
@@ -217,6 +280,15 @@ def _configs_sm90() -> dict[str, list]:
             cfg(8, 4, BLOCK_K=128, BLOCK_M=64),
             cfg(8, 4, BLOCK_K=128, BLOCK_M=128),
         ],
+        "expand": [
+            cfg(8, 2, BLOCK_M=128, BLOCK_C=128),
+            cfg(8, 2, BLOCK_M=64, BLOCK_C=256),
+            cfg(4, 2, BLOCK_M=64, BLOCK_C=128),
+        ],
+        "expand_masked": [
+            cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
+            cfg(4, 2, BLOCK_M=64, BLOCK_C=64),
+        ],
     }
 
 
@@ -226,6 +298,8 @@ def _configs_interpret() -> dict[str, list]:
         "shrink": [cfg(4, 1, BLOCK_M=64, BLOCK_K=64)],
         "dsdb": [cfg(4, 1, BLOCK_N=64)],
         "da": [cfg(4, 1, BLOCK_K=64, BLOCK_M=64)],
+        "expand": [cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
+        "expand_masked": [cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
     }
 
 
@@ -237,7 +311,8 @@ def configs(arch: str, name: str) -> list:
     return _CONFIGS[arch]()[name]
 
 
-_AUTOTUNE_KEYS = {"shrink": ("K", "R"), "dsdb": ("N", "R"), "da": ("K", "R")}
+_AUTOTUNE_KEYS = {"shrink": ("K", "R"), "dsdb": ("N", "R"), "da": ("K", "R"),
+                  "expand": ("C", "R"), "expand_masked": ("C", "R")}
 
 
 def _kernel(kernel, name: str, device: torch.device):
@@ -326,3 +401,54 @@ def launch_da(ds: torch.Tensor, x2d: torch.Tensor, *, seed: torch.Tensor | None 
     return da
 
 
+def launch_expand(l_mat: torch.Tensor, factor: torch.Tensor, alpha: float, *,
+                  bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                  p: float = 0.0, out_dtype: torch.dtype, transpose: bool = False
+                  ) -> torch.Tensor:
+    """E = alpha (L F^T) (* m / (1 - p)) (+ bias), written once in ``out_dtype``: the addend
+    cuBLAS reads in the ``cublas`` strategy's epilogue.
+
+    Args:
+        l_mat: [M, r] fp32 (S from the shrink, or dS from dsdb).
+        factor: F as [C, r]: lora_b [N, r] (``transpose=False``), or lora_a [r, K] read as
+            A^T (``transpose=True``), any strides.
+        alpha: fp32 factor (the LoRA scale for P = s S B^T; 1 for Q = dS A).
+        bias: [C] or None, added after the mask (the forward's base bias).
+        seed, p: the mask of the logical [M, C] tensor ('post': y's; 'pre': x's).
+
+    Returns:
+        E [M, C] contiguous.
+    """
+    m, r = l_mat.shape
+    c = factor.shape[1] if transpose else factor.shape[0]
+    stride_fc, stride_fr = (factor.stride(1), factor.stride(0)) if transpose \
+        else (factor.stride(0), factor.stride(1))
+    out = torch.empty((m, c), dtype=out_dtype, device=l_mat.device)
+    if m == 0:
+        return out
+    on, seed_arg, p_arg, keep = dropout_args(seed, p, out)
+    block_r = rank_block(r)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+    _kernel(_lora_expand_kernel, "expand_masked" if on else "expand", l_mat.device)[grid](
+        l_mat.contiguous(), factor, bias.contiguous() if bias is not None else out, out,
+        seed_arg, m, c, r, stride_fc, stride_fr, float(alpha), p_arg, keep,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=on, BLOCK_R=block_r,
+        **launch_common(l_mat.device, factor.dtype))
+    return out
+
+
+def aot_specs() -> list[dict]:
+    """The expand kernel for ``kernels/aot.py`` (its format: kernel, variant, config list name,
+    signature, fixed constexprs, uses_dot, configs_fn): bf16, rank tile 64, with and without
+    the mask and the bias."""
+    dt, f32, i32 = "*bf16", "fp32", "i32"
+    sig = {"l_ptr": "*fp32", "f_ptr": dt, "bias_ptr": dt, "out_ptr": dt, "seed_ptr": "*i64",
+           "M": i32, "C": i32, "R": i32, "stride_fc": i32, "stride_fr": 1, "alpha": f32,
+           "p": f32, "keep_scale": f32}
+    common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": 64}
+    return [{"kernel": _lora_expand_kernel, "variant": variant, "configs": name, "sig": sig,
+             "fixed": {**common, "HAS_BIAS": bias, "HAS_DROPOUT": drop}, "uses_dot": True,
+             "configs_fn": configs}
+            for variant, name, bias, drop in (("bias", "expand", True, False),
+                                              ("bias+mask", "expand_masked", True, True),
+                                              ("mask (dX addend)", "expand_masked", False, True))]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from bridge.kernels import gemm_strategy
 from bridge.kernels._checks import check_dropout, check_lora_args, check_norm_args
-from bridge.kernels._gemm import launch_dx, launch_fused_gemm
 from bridge.kernels._lowrank import launch_dsdb
 from bridge.kernels._triton_common import (
     HAS_TRITON,
@@ -33,7 +33,13 @@ from bridge.kernels.backend import (
     probe_triton,
     resolve_backend,
 )
-from bridge.kernels.lora_linear import _compute_dtype, _eager_lora_linear, lora_linear_ref
+from bridge.kernels.gemm_strategy import gemm_dx, gemm_forward, requested_gemm
+from bridge.kernels.lora_linear import (
+    _compute_dtype,
+    _eager_lora_linear,
+    _needs_grad,
+    lora_linear_ref,
+)
 from bridge.kernels.philox import draw_seed, keep_mask, seed_tensor
 
 
@@ -486,22 +492,37 @@ def norm_lora_row_bwd(x2d, dln, dln_out, norm_weight, norm_bias, mean, rstd, ds,
 
 # ---------------------------------------------------------------------------------------------
 # Registered ops (custom_op + register_fake + register_autograd; DESIGN.md says why not
-# triton_op). The row pass runs on ``row_backend`` ('triton' or 'cuda'); the GEMMs are the
-# Triton LoRA-linear launchers. Saved for backward: x, mean/rstd, S and the seed.
+# triton_op). The row pass runs on ``row_backend`` ('triton' or 'cuda'); the GEMM steps are the
+# LoRA linear's, in the strategy ``gemm_fwd`` / ``gemm_bwd`` ('fused' | 'cublas', or 'auto' when
+# traced: see kernels/gemm_strategy.py). Saved for backward: x, mean/rstd, S and the seed.
 # ---------------------------------------------------------------------------------------------
 
 _FWD_SCHEMA = (
     "(Tensor x, Tensor norm_weight, Tensor? norm_bias, Tensor weight, Tensor? bias, "
     "Tensor lora_a, Tensor lora_b, Tensor? seed, float eps, float scale, float p, bool post, "
-    "bool rms, bool zero_centered_gamma, str row_backend) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool rms, bool zero_centered_gamma, str row_backend, str gemm_fwd=\"fused\", "
+    "str gemm_bwd=\"fused\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor dy, Tensor? dln_out, Tensor x, Tensor norm_weight, Tensor? norm_bias, "
     "Tensor weight, Tensor lora_a, Tensor lora_b, Tensor mean, Tensor rstd, Tensor s_mat, "
     "Tensor? seed, float scale, float p, bool post, bool rms, bool zero_centered_gamma, "
-    "str row_backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "str row_backend, str gemm=\"fused\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+
+
+def _dln_dtype(strategy: str, row_backend: str, dtype: torch.dtype) -> torch.dtype:
+    """dtype of dln, the dX of the GEMM step: the fused dX hands the Triton row kernels fp32
+    (unrounded); cuBLAS writes x's dtype (as an unfused norm + linear would; the CUDA twin
+    reads that dtype either way)."""
+    return torch.float32 if strategy == "fused" and row_backend == "triton" else dtype
+
+
+def _resolve(gemm, direction, x2d, weight, lora_a, seed, p, post, bias) -> str:
+    n, k = weight.shape
+    return gemm_strategy.resolve(gemm, "norm_lora", direction, device=x2d.device,
+                                 dtype=x2d.dtype, m=x2d.shape[0], n=n, k=k, r=lora_a.shape[0],
+                                 seed=seed, p=p, post=post, bias=bias)
 
 
 def _seed_arg(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -512,7 +533,8 @@ def _seed_arg(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("bridge::norm_lora_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _norm_lora_fwd_op(x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, seed, eps, scale,
-                      p, post, rms, zero_centered_gamma, row_backend):
+                      p, post, rms, zero_centered_gamma, row_backend, gemm_fwd="fused",
+                      gemm_bwd="fused"):
     """(y [..., N], ln [..., K], mean [M] f32, rstd [M] f32, S [M, r] f32). ``bias`` None means
     no bias in y; ``seed`` None means no dropout; ``post`` masks B(A ln) instead of ln."""
     k = x.shape[-1]
@@ -521,14 +543,15 @@ def _norm_lora_fwd_op(x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, s
     ln, mean, rstd, s_mat = norm_lora_row_fwd(
         x2d, norm_weight, norm_bias, lora_a, _seed_arg(seed, x), eps=eps, p=p_pre, rms=rms,
         shift=1.0 if zero_centered_gamma else 0.0, backend=row_backend)
-    y2d = launch_fused_gemm(ln, weight, bias, s_mat, lora_b, scale,
-                             seed=seed if post else None, p=p)
+    strategy = _resolve(gemm_fwd, "fwd", x2d, weight, lora_a, seed, p, post, bias is not None)
+    y2d = gemm_forward(strategy, ln, weight, bias, s_mat, lora_b, scale,
+                       seed=seed if post else None, p=p)
     return (y2d.view(*x.shape[:-1], weight.shape[0]), ln.view(x.shape), mean, rstd, s_mat)
 
 
 @_norm_lora_fwd_op.register_fake
 def _(x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, seed, eps, scale, p, post, rms,
-      zero_centered_gamma, row_backend):
+      zero_centered_gamma, row_backend, gemm_fwd="fused", gemm_bwd="fused"):
     m = x.numel() // x.shape[-1]
     f32 = torch.float32
     return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty(x.shape),
@@ -538,16 +561,17 @@ def _(x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, seed, eps, scale,
 
 @torch.library.custom_op("bridge::norm_lora_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _norm_lora_bwd_op(dy, dln_out, x, norm_weight, norm_bias, weight, lora_a, lora_b, mean, rstd,
-                      s_mat, seed, scale, p, post, rms, zero_centered_gamma, row_backend):
+                      s_mat, seed, scale, p, post, rms, zero_centered_gamma, row_backend,
+                      gemm="fused"):
     """(dx of x's shape, dnorm_weight, dnorm_bias (empty without a bias), dA, dB), the parameter
-    gradients in their parameters' dtypes."""
+    gradients in their parameters' dtypes. ``gemm``: the strategy of the dln GEMM step."""
     n, k = weight.shape
     dy2d, x2d = dy.reshape(-1, n), x.reshape(-1, k)
     pre_seed, post_seed = (None, seed) if post else (seed, None)
     ds, dlora_b = launch_dsdb(dy2d, lora_b, s_mat, scale, seed=post_seed, p=p)
-    # The Triton row kernels read dln in fp32 (unrounded); the CUDA twin reads x's dtype.
-    dln = launch_dx(dy2d, weight, ds, lora_a, seed=pre_seed, p=p,
-                     out_dtype=torch.float32 if row_backend == "triton" else x.dtype)
+    strategy = _resolve(gemm, "bwd", x2d, weight, lora_a, seed, p, post, False)
+    dln = gemm_dx(strategy, dy2d, weight, ds, lora_a, seed=pre_seed, p=p,
+                  out_dtype=_dln_dtype(strategy, row_backend, x.dtype))
     dlo = dln_out.reshape(-1, k) if dln_out is not None else None
     dx, dnw, dnb, da = norm_lora_row_bwd(
         x2d, dln, dlo, norm_weight, norm_bias, mean, rstd, ds, _seed_arg(seed, x),
@@ -559,7 +583,7 @@ def _norm_lora_bwd_op(dy, dln_out, x, norm_weight, norm_bias, weight, lora_a, lo
 
 @_norm_lora_bwd_op.register_fake
 def _(dy, dln_out, x, norm_weight, norm_bias, weight, lora_a, lora_b, mean, rstd, s_mat, seed,
-      scale, p, post, rms, zero_centered_gamma, row_backend):
+      scale, p, post, rms, zero_centered_gamma, row_backend, gemm="fused"):
     dnb = norm_weight.new_empty(0) if norm_bias is None else norm_bias.new_empty(norm_bias.shape)
     return (x.new_empty(x.shape), norm_weight.new_empty(norm_weight.shape), dnb,
             lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape))
@@ -576,15 +600,17 @@ class _BwdSettings:
     zero_centered_gamma: bool
     row_backend: str
     has_bias: bool
+    gemm: str  # the backward's GEMM strategy
 
 
 def _norm_lora_setup_context(ctx, inputs, output):
     (x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, seed, _eps, scale, p, post, rms,
-     zcg, row_backend) = inputs
+     zcg, row_backend, _gemm_fwd, gemm_bwd) = inputs
     _, _, mean, rstd, s_mat = output
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, lora_a, lora_b, mean, rstd, s_mat,
                           seed)
-    ctx.settings = _BwdSettings(scale, p, post, rms, zcg, row_backend, bias is not None)
+    ctx.settings = _BwdSettings(scale, p, post, rms, zcg, row_backend, bias is not None,
+                                gemm_bwd)
     ctx.mark_non_differentiable(mean, rstd, s_mat)
     ctx.set_materialize_grads(False)  # an unused ln_out sends None: skip its read
 
@@ -596,7 +622,7 @@ def _norm_lora_backward(ctx, dy, dln_out, _dmean, _drstd, _ds):
         dy = x.new_zeros((*x.shape[:-1], weight.shape[0]))
     dx, dnw, dnb, da, db = torch.ops.bridge.norm_lora_bwd(
         dy, dln_out, x, norm_weight, norm_bias, weight, lora_a, lora_b, mean, rstd, s_mat, seed,
-        st.scale, st.p, st.post, st.rms, st.zero_centered_gamma, st.row_backend)
+        st.scale, st.p, st.post, st.rms, st.zero_centered_gamma, st.row_backend, st.gemm)
     needs = ctx.needs_input_grad
     dbias = None
     if st.has_bias and needs[4]:
@@ -604,7 +630,7 @@ def _norm_lora_backward(ctx, dy, dln_out, _dmean, _drstd, _ds):
     return (dx if needs[0] else None, dnw if needs[1] else None,
             dnb if norm_bias is not None and needs[2] else None, None, dbias,
             da if needs[5] else None, db if needs[6] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("bridge::norm_lora_fwd", _norm_lora_backward,
@@ -654,6 +680,32 @@ def norm_lora_backend(
                                              same_dtype])
 
 
+def norm_lora_linear_fused(
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
+    weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    *, row_backend: str, rms: bool, eps: float, scale: float, p: float, post: bool,
+    zero_centered_gamma: bool = False, seed: int | torch.Tensor | None = None,
+    gemm: str = "auto", gemm_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, ln) through the fused op after the checks: arguments validated by the caller,
+    ``row_backend`` ('triton' | 'cuda') chosen, ``p`` effective (0 in eval), ``bias`` None also
+    for skip_bias_add, ``gemm`` the requested strategy after the environment."""
+    seed_t = None
+    if p > 0.0:
+        seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
+    x2d = x.reshape(-1, x.shape[-1])
+    need_bwd = _needs_grad(x, norm_weight, norm_bias, bias, lora_a, lora_b)
+    fwd, bwd = gemm_strategy.select(
+        "norm_lora", gemm, x2d=x2d, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+        scale=scale, seed=seed_t, p=p, post=post, need_bwd=need_bwd,
+        dx_dtype={g: _dln_dtype(g, row_backend, x.dtype) for g in gemm_strategy.STRATEGIES},
+        group=gemm_group)
+    y, ln, _, _, _ = torch.ops.bridge.norm_lora_fwd(
+        x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, seed_t, float(eps),
+        float(scale), float(p), post, rms, bool(zero_centered_gamma), row_backend, fwd, bwd)
+    return y, ln
+
+
 def norm_lora_linear(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -674,6 +726,8 @@ def norm_lora_linear(
     zero_centered_gamma: bool = False,
     seed: int | torch.Tensor | None = None,
     backend: str = "auto",
+    gemm: str = "auto",
+    gemm_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ln = norm(x); y = ln W^T (+ b) + s * B(A(dropout(ln))).
 
@@ -686,6 +740,8 @@ def norm_lora_linear(
         training: dropout only when True. skip_bias_add: leave b out of y.
         seed: dropout seed (int or int64 tensor [1]); drawn from torch's generator when None.
         backend: 'auto' | 'cuda' | 'triton' | 'eager' (kernels/backend.py).
+        gemm: 'auto' | 'fused' | 'cublas' (kernels/gemm_strategy.py); ignored by eager.
+        gemm_group: the tensor-parallel group whose ranks must agree on the strategy, or None.
 
     Returns:
         y [..., N], or (y, ln [..., K]) with ``return_norm_output``.
@@ -693,6 +749,7 @@ def norm_lora_linear(
     check_lora_args(x, weight, bias, lora_a, lora_b)
     check_norm_args(normalization, eps, norm_weight, norm_bias, x.shape[-1])
     check_dropout(dropout, dropout_position)
+    gemm = requested_gemm(gemm)
     choice = norm_lora_backend(backend, x, weight, norm_params=(norm_weight, norm_bias))
     if choice.name == "eager":
         ln = norm_ref(x, norm_weight, norm_bias, normalization=normalization, eps=eps,
@@ -701,14 +758,11 @@ def norm_lora_linear(
                                dropout_position=dropout_position, training=training,
                                skip_bias_add=skip_bias_add, seed=seed)
         return (y, ln) if return_norm_output else y
-    p = float(dropout) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
-    y, ln, _, _, _ = torch.ops.bridge.norm_lora_fwd(
-        x, norm_weight, norm_bias, weight, None if skip_bias_add else bias, lora_a, lora_b, seed_t,
-        float(eps), float(scale), p, dropout_position == "post", normalization == "RMSNorm",
-        bool(zero_centered_gamma), choice.name)
+    y, ln = norm_lora_linear_fused(
+        x, norm_weight, norm_bias, weight, None if skip_bias_add else bias, lora_a, lora_b,
+        row_backend=choice.name, rms=normalization == "RMSNorm", eps=eps, scale=scale,
+        p=float(dropout) if training else 0.0, post=dropout_position == "post",
+        zero_centered_gamma=zero_centered_gamma, seed=seed, gemm=gemm, gemm_group=gemm_group)
     return (y, ln) if return_norm_output else y
 
 

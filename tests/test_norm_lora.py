@@ -1,8 +1,9 @@
 """The norm-fused LoRA linear (Triton backend) against the fp64 reference, on ``KERNEL_DEVICE``
 (tests/conftest.py: the CPU interpreter here, the compiled kernels with ``BRIDGE_TEST_GPU=1
 TRITON_INTERPRET=0`` on a GPU): values and every gradient, both norms, dropout at both positions,
-the returned ln with its own gradient; the registered ops under opcheck; bad input; the backend
-choice."""
+the returned ln with its own gradient, in both GEMM strategies (``fused`` Triton GEMMs, or
+``cublas``: torch's matmul adding our expand kernel's low-rank term); the registered ops under
+opcheck; bad input; the backend choice."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _inputs(shape, n, r, dtype, norm, *, bias=True, device=DEV):
 
 
 def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", zcg=False,
-              ln_grad=True, skip_bias_add=False, bias=True):
+              ln_grad=True, skip_bias_add=False, bias=True, gemm="fused"):
     t = _inputs(shape, n, r, dtype, norm, bias=bias)
     grad_names = [k for k in ("x", "norm_weight", "norm_bias", "bias", "lora_a", "lora_b")
                   if t[k] is not None]
@@ -59,7 +60,7 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
     kw = dict(normalization=norm, eps=1e-5, scale=2.0, dropout=p, dropout_position=position,
               zero_centered_gamma=zcg, skip_bias_add=skip_bias_add)
     y, ln = norm_lora_linear(*leaves.values(), **kw, return_norm_output=True, seed=SEED,
-                             backend="triton")
+                             backend="triton", gemm=gemm)
     g = torch.Generator().manual_seed(1)
     gy = torch.randn(y.shape, generator=g).to(DEV, dtype)
     gl = torch.randn(ln.shape, generator=g).to(DEV, dtype) if ln_grad else None
@@ -88,10 +89,26 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
 
 
 @triton_kernels
+@pytest.mark.parametrize("gemm", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
-def test_values_and_grads(dtype, norm):
-    _run_case(dtype, norm, p=0.2)
+def test_values_and_grads(dtype, norm, gemm):
+    _run_case(dtype, norm, p=0.2, gemm=gemm)
+
+
+@triton_kernels
+@pytest.mark.parametrize(
+    "case",
+    [
+        # M = 1 and odd K/N, 'post' mask with zero-centred gamma, no gradient into ln
+        dict(shape=(1, 37), n=19, r=3, zcg=True, p=0.3, position="post", ln_grad=False),
+        # 3-D input, K over several blocks, rank above 16, 'pre' mask, no linear bias
+        dict(shape=(2, 3, 301), n=45, r=20, p=0.1, bias=False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cublas_shapes_and_options(case, dtype):
+    _run_case(dtype, "LayerNorm", gemm="cublas", **case)
 
 
 @triton_kernels
@@ -177,19 +194,21 @@ def test_row_pass_outputs():
 
 
 @triton_kernels
-@pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
-def test_opcheck(norm):
+@pytest.mark.parametrize("norm,gemm", [("LayerNorm", "fused"), ("RMSNorm", "fused"),
+                                       ("LayerNorm", "cublas")])
+def test_opcheck(norm, gemm):
     t = _inputs((3, 24), 8, 2, torch.float32, norm)
     seed = torch.tensor([SEED], device=DEV)
     args = (t["x"], t["norm_weight"], t["norm_bias"], t["weight"], t["bias"], t["lora_a"],
-            t["lora_b"], seed, 1e-5, 2.0, 0.2, False, norm == "RMSNorm", False, "triton")
+            t["lora_b"], seed, 1e-5, 2.0, 0.2, False, norm == "RMSNorm", False, "triton", gemm,
+            gemm)
     for v in (t["x"], t["norm_weight"], t["lora_a"], t["lora_b"]):
         v.requires_grad_(True)
     torch.library.opcheck(torch.ops.bridge.norm_lora_fwd.default, args)
     y, ln, mean, rstd, s = torch.ops.bridge.norm_lora_fwd(*args)
     bwd_args = (torch.randn_like(y), torch.randn_like(ln), t["x"].detach(), t["norm_weight"],
                 t["norm_bias"], t["weight"], t["lora_a"], t["lora_b"], mean, rstd, s, seed, 2.0,
-                0.2, False, norm == "RMSNorm", False, "triton")
+                0.2, False, norm == "RMSNorm", False, "triton", gemm)
     torch.library.opcheck(torch.ops.bridge.norm_lora_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -302,3 +321,50 @@ def test_norm_params_in_another_dtype_keep_auto_off_the_cuda_row_pass(monkeypatc
         norm_lora_backend("cuda", x, w, norm_params=(gamma, None))
     same = norm_lora_backend("auto", x, w, norm_params=(gamma.bfloat16(), None))
     assert same.name == "cuda"
+
+
+@triton_kernels
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_cublas_gives_the_fused_dropout_mask(position):
+    """Same seed, both strategies: the same mask (zero exactly where the Philox stream drops),
+    seen through an identity adapter on a zero base weight: y = s B A keep(ln) = keep(ln)."""
+    t = _inputs((6, 32), 32, 32, torch.float32, "RMSNorm", bias=False)
+    t["weight"].zero_()
+    t["lora_a"].copy_(torch.eye(32))
+    t["lora_b"].copy_(torch.eye(32))
+    kw = dict(normalization="RMSNorm", eps=1e-5, scale=1.0, dropout=0.4,
+              dropout_position=position, seed=SEED, backend="triton")
+    ys = {g: norm_lora_linear(*t.values(), **kw, gemm=g) for g in ("fused", "cublas")}
+    from bridge.kernels.philox import dropout_keep_mask
+
+    keep = dropout_keep_mask(SEED, (6, 32), 0.4, DEV)
+    assert torch.equal(ys["fused"] != 0, keep) and torch.equal(ys["cublas"] != 0, keep)
+    torch.testing.assert_close(ys["cublas"], ys["fused"], rtol=1e-6, atol=1e-6)
+
+
+@triton_kernels
+def test_cublas_saves_the_fused_bytes():
+    """Both strategies save x, mean/rstd, S and the seed (never ln, a mask, P or Q)."""
+    t = _inputs((12, 40), 24, 4, torch.float32, "LayerNorm")
+    leaves = {k: v.clone().requires_grad_(k != "weight") if v is not None else None
+              for k, v in t.items()}
+    params = {leaves[k].untyped_storage().data_ptr() for k in leaves if k != "x" and leaves[k]
+              is not None}
+
+    def saved(gemm: str) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(v):
+            ptr = v.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen.setdefault(ptr, v.untyped_storage().nbytes())
+            return v
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            norm_lora_linear(*leaves.values(), normalization="LayerNorm", eps=1e-5, scale=1.0,
+                             dropout=0.1, seed=SEED, backend="triton", gemm=gemm)
+        return sum(seen.values())
+
+    fused = saved("fused")
+    assert saved("cublas") == fused
+    assert fused <= 12 * 40 * 4 + 2 * 12 * 4 + 12 * 4 * 4 + 64  # x + mean/rstd + S + seed
