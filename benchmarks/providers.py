@@ -1,7 +1,8 @@
 """The providers compared on each op, each built from one set of input tensors.
 
     frozen   the base alone: F.linear (lora_linear) or the norm then F.linear (norm_lora)
-    eager    ours, eager: bridge.peft's LinearAdapter(kernel_backend='eager') for lora_linear,
+    eager    ours, eager: bridge.peft's LoRALinear over LinearAdapter (kernel_backend='eager')
+             for lora_linear,
              bridge.kernels.norm_lora_linear(backend='eager') for norm_lora
     peft     Hugging Face PEFT's lora.Linear (injected into a one-layer module), after the norm
     compile  torch.compile of the eager provider
@@ -142,14 +143,15 @@ def _copies(t: Tensors, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
 def _build_eager(case: Case, t: Tensors) -> Runner:
     if case.op != "lora_linear":
         return _build_functional(case, t, "eager")
-    from bridge.peft.lora_layers import LinearAdapter
+    from bridge.peft.lora_layers import LinearAdapter, LoRALinear
 
-    m = LinearAdapter(_frozen_linear(t), dim=case.r, alpha=t.scale * case.r, dropout=case.p,
-                      kernel_backend="eager")
+    base = _frozen_linear(t)
+    m = LoRALinear(base, LinearAdapter(base, dim=case.r, alpha=t.scale * case.r, dropout=case.p),
+                   kernel_backend="eager")
     m.train()
     x = _leaf(t.x)
-    slots = {"x": x, "weight": m.weight, "bias": m.bias, "lora_a": m.lora_a.weight,
-             "lora_b": m.lora_b.weight}
+    slots = {"x": x, "weight": base.weight, "bias": base.bias,
+             "lora_a": m.adapter.linear_in.weight, "lora_b": m.adapter.linear_out.weight}
     runner = Runner(lambda: m(x), {k: v for k, v in slots.items() if v is not None}, keep=[m])
     runner.load(t)
     return runner

@@ -312,9 +312,9 @@ def test_tp_bases_with_whole_input_or_output_are_refused_at_tp2(megatron_tp1, mo
         model.linear_fc1 = RowParallelLinear(64, 32, config=cfg, init_method=nn.init.normal_,
                                              bias=False, input_is_parallel=False,
                                              skip_bias_add=False)
-    monkeypatch.setattr("bridge.peft.dora._tp_size", lambda is_expert=False: 2)
+    monkeypatch.setattr("bridge.peft.dora._tp_size", lambda is_expert=False, m=None: 2)
     with pytest.raises(NotImplementedError, match="not supported at TP > 1"):
         DoRA(target_modules=["linear_fc1"], dim=4)(model)
-    monkeypatch.setattr("bridge.peft.dora._tp_size", lambda is_expert=False: 1)
+    monkeypatch.setattr("bridge.peft.dora._tp_size", lambda is_expert=False, m=None: 1)
     DoRA(target_modules=["linear_fc1"], dim=4)(model)  # TP = 1: fine
     assert isinstance(model.linear_fc1, DoRALinear)

@@ -164,14 +164,16 @@ def test_torch_compile_fullgraph_of_the_wrapped_layer(kind):
     """torch.compile(fullgraph=True) traces LoRALinear's / LinearAdapter's fused forward and
     backward (backend choice, TP plumbing and the registered ops) without a graph break, and
     gives the eager module's values and gradients."""
-    from bridge.peft import LinearAdapter
+    from bridge.peft import LinearAdapter, LoRALinear
     from bridge.peft.lora import LoRA
 
     def make(backend):
         torch.manual_seed(1)
-        if kind == "linear_adapter":
-            return LinearAdapter(nn.Linear(K, N), dim=R, alpha=10, lora_B_init_method="normal",
-                                 kernel_backend=backend)
+        if kind == "linear_adapter":  # Megatron-Bridge's LoRALinear(linear, LinearAdapter)
+            base = nn.Linear(K, N).requires_grad_(False)
+            return LoRALinear(base, LinearAdapter(base, dim=R, alpha=10,
+                                                  lora_B_init_method="normal"),
+                              kernel_backend=backend)
         model = nn.Module()
         model.proj = build(kind, False)
         LoRA(target_modules=["proj"], dim=R, alpha=10, lora_B_init_method="normal",

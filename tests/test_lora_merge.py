@@ -94,24 +94,28 @@ def test_merge_and_unload_plain_linears():
     torch.manual_seed(0)
     model = LoRA(target_modules=["linear_fc1", "linear_fc2"], dim=R, alpha=ALPHA,
                  kernel_backend="eager")(TwoLinears())
-    assert isinstance(model.linear_fc1, LinearAdapter)
+    assert isinstance(model.linear_fc1, LoRALinear)
+    assert isinstance(model.linear_fc1.adapter, LinearAdapter)
     randomise_adapters(model)
     for m in (model.linear_fc1, model.linear_fc2):
         with torch.no_grad():
-            m.lora_a.weight.normal_()
-            m.lora_b.weight.normal_()
+            m.adapter.linear_in.weight.normal_()
+            m.adapter.linear_out.weight.normal_()
     x = torch.randn(5, 16)
     before = model(x)
-    want = model.linear_fc1.weight.double() + S * (
-        model.linear_fc1.lora_b.weight.double() @ model.linear_fc1.lora_a.weight.double())
-    w0 = model.linear_fc1.weight.detach().clone()
+    fc1 = model.linear_fc1
+    want = fc1.to_wrap.weight.double() + S * (
+        fc1.adapter.linear_out.weight.double() @ fc1.adapter.linear_in.weight.double())
+    torch.testing.assert_close(fc1.weight.double(), want, rtol=1e-6, atol=1e-6)  # effective W
+    w0 = fc1.to_wrap.weight.detach().clone()
     merge_lora(model)  # in place: the adapter switches off, the weight holds it
-    torch.testing.assert_close(model.linear_fc1.weight.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fc1.to_wrap.weight.double(), want, rtol=1e-6, atol=1e-6)
+    assert fc1.weight is fc1.to_wrap.weight  # adapter off: the (merged) base weight
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     with pytest.raises(MergeError, match=r"already merged.*linear_fc1"):
         merge_lora(model)
     unmerge_lora(model)
-    torch.testing.assert_close(model.linear_fc1.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fc1.to_wrap.weight, w0, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     plain = merge_and_unload(model)
     assert type(plain.linear_fc1) is nn.Linear and type(plain.linear_fc2) is nn.Linear
@@ -149,7 +153,9 @@ def test_merge_rejects_mismatched_adapter():
     base = nn.Linear(16, 24)
     wrapper = _wrap_lora(base)
     wrapper.adapter = ParallelLinearAdapter(16, 12, R, activation="identity", alpha=ALPHA)
-    with pytest.raises(MergeError, match=r"delta has shape \(12, 16\).*shard has shape \(24, 16\)"):
+    with pytest.raises(MergeError, match=r"cannot merge : the adapter's delta has shape "
+                                         r"\(12, 16\) but the base weight shard has shape "
+                                         r"\(24, 16\)"):
         merge_lora(wrapper)
 
 
@@ -292,15 +298,15 @@ def test_merging_a_switched_off_adapter_is_refused_by_name():
                  kernel_backend="eager")(TwoLinears())
     for m in (model.linear_fc1, model.linear_fc2):
         with torch.no_grad():
-            m.lora_b.weight.normal_()  # a non-zero delta, so a merge would show
-    w0 = model.linear_fc1.weight.detach().clone()
+            m.adapter.linear_out.weight.normal_()  # a non-zero delta, so a merge would show
+    w0 = model.linear_fc1.to_wrap.weight.detach().clone()
     model.linear_fc1.disable_adapter_layers()
     for merge in (merge_lora, merge_and_unload):
         with pytest.raises(MergeError, match=r"switched off.*\['linear_fc1'\]"):
             merge(model)
-    assert torch.equal(model.linear_fc1.weight, w0)  # nothing was merged, not even fc2 first
+    assert torch.equal(model.linear_fc1.to_wrap.weight, w0)  # nothing merged, not even fc2
     assert not getattr(model.linear_fc2, "_lora_merged", False)
     model.linear_fc1.enable_adapter_layers()
     merge_lora(model)
     assert model.linear_fc1._lora_merged and model.linear_fc2._lora_merged
-    assert not torch.equal(model.linear_fc1.weight, w0)
+    assert not torch.equal(model.linear_fc1.to_wrap.weight, w0)

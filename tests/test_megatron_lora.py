@@ -4,6 +4,8 @@ an independent fp64 reference, values and gradients; state dicts and sharded sta
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -126,13 +128,22 @@ def test_adapter_layout_follows_the_base():
 
 
 def test_get_adapter_attributes_of_megatron_layers():
-    assert get_adapter_attributes_from_linear(build_base("column", False)) == (
-        False, K, N, True, True)
-    assert get_adapter_attributes_from_linear(build_base("row", True)) == (True, K, N, True, True)
+    from bridge.peft.utils import AdapterAttributes
+
+    col = get_adapter_attributes_from_linear(build_base("column", False))
+    assert col == AdapterAttributes(input_is_parallel=False, in_features=K, out_features=N,
+                                    disable_tensor_parallel_comm=False,
+                                    disable_sequence_parallel_comm=True,
+                                    base_linear_is_parallel=True)
+    row = get_adapter_attributes_from_linear(build_base("row", True))
+    assert (row.input_is_parallel, row.in_features, row.out_features) == (True, K, N)
     ln = build_base("lncol", False)
     assert ln.return_layernorm_output is False
-    assert get_adapter_attributes_from_linear(ln) == (False, K, N, True, True)
+    attrs = get_adapter_attributes_from_linear(ln)
+    assert (attrs.input_is_parallel, attrs.in_features, attrs.out_features) == (False, K, N)
     assert ln.return_layernorm_output is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        attrs.in_features = 3
 
 
 def test_disabled_adapter_gives_the_base_output():

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from bridge.peft import DoRA, LinearAdapter, LoRA, ModuleMatcher
+from bridge.peft import AdapterWrapper, DoRA, LinearAdapter, LoRA, LoRALinear, ModuleMatcher
 
 H = 8
 ALL_LINEARS = {f"layers.{i}.{n}" for i in range(2) for n in
@@ -58,7 +59,7 @@ def lora(**kw) -> LoRA:
 
 
 def wrapped(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, LinearAdapter)}
+    return {n for n, m in model.named_modules() if isinstance(m, AdapterWrapper)}
 
 
 def x_in(seed=1):
@@ -76,8 +77,11 @@ def quiet(fn, *args, **kw):
 def test_default_targets_wrap_the_four_transformer_linears():
     model = quiet(lora(), toy())
     assert wrapped(model) == ALL_LINEARS
-    assert isinstance(model.output_layer, nn.Linear) and not isinstance(model.output_layer,
-                                                                        LinearAdapter)
+    assert type(model.output_layer) is nn.Linear
+    for name in ALL_LINEARS:  # Megatron-Bridge's structure for a plain nn.Linear
+        m = model.get_submodule(name)
+        assert type(m) is LoRALinear and type(m.to_wrap) is nn.Linear
+        assert type(m.adapter) is LinearAdapter
     assert ModuleMatcher().target_modules == ["linear_qkv", "linear_proj", "linear_fc1",
                                               "linear_fc2"]
 
@@ -85,12 +89,12 @@ def test_default_targets_wrap_the_four_transformer_linears():
 def test_lora_hyperparameters_reach_the_adapters():
     model = quiet(lora(dim=3, alpha=9, dropout=0.25, dropout_position="post",
                        lora_dtype=torch.float64), toy())
-    m = model.layers[1].mlp.linear_fc2
+    m = model.layers[1].mlp.linear_fc2.adapter
     assert (m.dim, m.alpha, m.scale) == (3, 9, 3.0)
-    assert m.lora_a.weight.shape == (3, 2 * H) and m.lora_b.weight.shape == (H, 3)
-    assert m.lora_a.weight.dtype == torch.float64
+    assert m.linear_in.weight.shape == (3, 2 * H) and m.linear_out.weight.shape == (H, 3)
+    assert m.linear_in.weight.dtype == torch.float64
     assert m.dropout_p == 0.25 and m.dropout_position == "post"
-    assert m.kernel_backend == "eager"
+    assert model.layers[1].mlp.linear_fc2.kernel_backend == "eager"
 
 
 @pytest.mark.parametrize("patterns, expected", [
@@ -105,10 +109,12 @@ def test_target_patterns(patterns, expected):
     assert wrapped(model) == expected
 
 
-def test_dot_in_a_pattern_is_literal():
+def test_dot_in_a_pattern_is_literal(caplog):
     # 'layers.1.attn.linear.qkv' must not match 'linear_qkv' (no regex '.')
-    with pytest.warns(UserWarning, match=r"matched no module: \['layers\.1\.attn\.linear\.qkv'\]"):
+    with caplog.at_level(logging.WARNING, logger="bridge.peft.module_matcher"):
         model = lora(target_modules=["layers.1.attn.linear.qkv"])(toy())
+    assert "No modules matched the requested target_modules entries: layers.1.attn.linear.qkv" \
+        in caplog.text
     assert wrapped(model) == set()
 
 
@@ -119,18 +125,43 @@ def test_exclude_modules_with_empty_targets():
     assert isinstance(model.layers[0].norm, nn.LayerNorm)  # not a linear: never wrapped
 
 
-def test_warns_when_a_target_matches_nothing():
-    with pytest.warns(UserWarning, match=r"LoRA target_modules matched no module: "
-                                         r"\['linear_nope', '\*\.experts\.\*'\]"):
-        model = lora(target_modules=["linear_qkv", "linear_nope", "*.experts.*"])(toy())
+def test_unmatched_targets_are_logged_by_the_module_matcher_logger(caplog):
+    peft = lora(target_modules=["linear_qkv", "linear_nope", "*.experts.*"])
+    with caplog.at_level(logging.WARNING, logger="bridge.peft.module_matcher"):
+        model = peft(toy())
+    records = [r for r in caplog.records if r.name == "bridge.peft.module_matcher"]
+    assert [r.getMessage() for r in records] == [
+        "No modules matched the requested target_modules entries: *.experts.*, linear_nope"]
     assert wrapped(model) == {"layers.0.attn.linear_qkv", "layers.1.attn.linear_qkv"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bridge.peft.module_matcher"):
+        lora()(toy())
+    assert not caplog.records  # every default target matched
+
+
+def test_target_modules_changed_after_construction_take_effect(caplog):
+    """Recipes set target_modules after building the transform: the bookkeeping follows."""
+    peft = lora()
+    peft.target_modules = ["linear_fc2", "linear_gone"]
+    with caplog.at_level(logging.WARNING, logger="bridge.peft.module_matcher"):
+        model = peft(toy())
+    assert wrapped(model) == {"layers.0.mlp.linear_fc2", "layers.1.mlp.linear_fc2"}
+    assert peft.unmatched_targets() == ["linear_gone"]
+    assert "linear_gone" in caplog.text and "linear_fc2" not in caplog.text
+    peft = lora(exclude_modules=["linear_fc2"], target_modules=[])
+    peft.target_modules = ["linear_fc1"]
+    from bridge.peft import PEFTConfigError
+
+    with pytest.raises(PEFTConfigError, match="cannot both be set"):
+        peft(toy())
 
 
 # ---- freezing, training flag ---------------------------------------------------------------------
 def test_freezes_the_base_and_trains_only_the_adapters():
     model = quiet(lora(), toy())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.lora_{f}.weight" for m in ALL_LINEARS for f in ("a", "b")}
+    assert trainable == {f"{m}.adapter.linear_{f}.weight" for m in ALL_LINEARS
+                         for f in ("in", "out")}
     assert model.training and all(m.training for m in model.modules())
 
 
@@ -190,7 +221,7 @@ def test_set_params_to_save_and_adapter_key_filter():
     peft = lora()
     model = quiet(peft, toy())
     peft.set_params_to_save(model)
-    expected = {f"{m}.lora_{f}.weight" for m in ALL_LINEARS for f in ("a", "b")}
+    expected = {f"{m}.adapter.linear_{f}.weight" for m in ALL_LINEARS for f in ("in", "out")}
     assert peft.params_to_save == expected
     kept = {k for k in model.state_dict() if peft.adapter_key_filter(k)}
     assert kept == expected
@@ -244,14 +275,14 @@ def test_wildcard_walks_into_containers_and_wraps_only_linears():
     # the container is walked into, the linear wrapped, the ReLU left alone.
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
     LoRA(target_modules=["0*"], dim=2)(model)
-    assert isinstance(model[0][0], LinearAdapter)
+    assert isinstance(model[0][0], LoRALinear) and isinstance(model[0][0].adapter, LinearAdapter)
     assert isinstance(model[0][1], nn.ReLU)
     assert type(model[1]) is nn.Linear
 
 
 def test_exact_name_of_a_non_linear_raises_naming_the_class():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    with pytest.raises(TypeError, match="layer type ReLU is not supported for LoRA"):
+    with pytest.raises(TypeError, match=r"Layer type is unrecognized for LoRA: .*ReLU"):
         LoRA(target_modules=["1"], dim=2)(model)
 
 

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AdapterSwitch", "AdapterWrapper"]
+from bridge.peft.tp import acc
+
+__all__ = ["AdapterSwitch", "AdapterWrapper", "mamba_dim_info"]
 
 
 def _describe(value: Any) -> str:
@@ -118,6 +120,49 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         """Return in the base's style: a bare tensor for a bare-tensor base, else (out, bias)."""
         return out if self._return_bare_tensor else (out, bias)
 
+    @property
+    def _base_returns_tuple(self) -> bool:
+        """Megatron-Bridge's name: whether the base returned a tuple (not a bare tensor)."""
+        return not self._return_bare_tensor
+
+    @_base_returns_tuple.setter
+    def _base_returns_tuple(self, value: bool) -> None:
+        self._return_bare_tensor = not value
+
+    def adapter_forward(self, adapter: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """Run ``adapter`` on ``x`` (with the base's extra call arguments, when there are any)."""
+        return adapter(x, *args, **kwargs) if args or kwargs else adapter(x)
+
+    # ---- merging (bridge.peft.lora_merge calls these; no type switch there) --------------------
+    def delta_weight(self) -> torch.Tensor:
+        """This rank's shard of the adapter's weight delta, in the accumulation dtype (fp32):
+        the adapter's ``delta_weight()`` for an adapter that has one."""
+        delta = getattr(self.adapter, "delta_weight", None)
+        if not callable(delta):
+            raise NotImplementedError(
+                f"{type(self).__name__} over {type(self.to_wrap).__name__}: its adapter "
+                f"{type(self.adapter).__name__} has no delta_weight(), so it cannot be merged")
+        return delta()
+
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's base weight shard with the adapter folded in (fp32, detached)."""
+        w = acc(self.to_wrap.weight)
+        delta = self._checked_delta(w)
+        return w + delta.to(w.dtype)
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight` (up to rounding): the base weight from a merged one."""
+        merged = acc(merged)
+        return merged - self._checked_delta(merged).to(merged.dtype)
+
+    def _checked_delta(self, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            delta = self.delta_weight()
+        if delta.shape != w.shape:
+            raise ValueError(f"the adapter's delta has shape {tuple(delta.shape)} but the base "
+                             f"weight shard has shape {tuple(w.shape)}")
+        return delta
+
     # ---- state dicts ----------------------------------------------------------------------
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         """Base keys at ``prefix`` (no ``to_wrap.``), adapter keys under ``prefix + 'adapter.'``."""
@@ -133,41 +178,86 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         """Load-time inverse of :meth:`state_dict`: base keys move under ``to_wrap.``."""
         for key in [k for k in state_dict if k.startswith(prefix)]:
             rest = key[len(prefix):]
+            upgraded = self._upgrade_key(rest)
+            if upgraded is not None:
+                state_dict[prefix + upgraded] = state_dict.pop(key)
+                continue
             if rest.startswith("adapter.") or rest.startswith("to_wrap."):
                 continue
             state_dict[f"{prefix}to_wrap.{rest}"] = state_dict.pop(key)
 
+    def _upgrade_key(self, rest: str) -> str | None:
+        """The current name of a key (relative to this module) written by an older layout, or
+        None when ``rest`` is current; subclasses with a legacy layout override it."""
+        return None
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The base's and the adapter's sharded state dicts (adapter under ``prefix + 'adapter.'``).
 
-        A module without ``sharded_state_dict`` (e.g. ``nn.Linear``) contributes replicated
-        ``ShardedTensor``s of its state dict.
+        ``metadata`` reaches both exactly as the caller passed it (the same object, never
+        modified; None becomes a fresh dict holding megatron's ``dp_cp_group``). A module
+        without ``sharded_state_dict`` (e.g. ``nn.Linear``, a ``LinearAdapter``) contributes
+        replicated ``ShardedTensor``s of its state dict. An
+        adapter of a Mamba ``mixer.in_proj`` also gets ``mamba_dim_info`` (the local sizes of
+        in_proj's z, x, B, C, dt blocks), so its B is saved block by block like in_proj itself.
         """
+        if metadata is None:  # a fresh dict (megatron's layers read its dp_cp_group)
+            from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+            metadata = ensure_metadata_has_dp_cp_group(None)
         out = {}
         out.update(_module_sharded_state_dict(self.to_wrap, prefix, sharded_offsets, metadata))
-        out.update(
-            _module_sharded_state_dict(self.adapter, f"{prefix}adapter.", sharded_offsets, metadata)
-        )
+        extra = {}
+        if "mixer.in_proj" in str(getattr(self.adapter, "base_linear_name", "")) \
+                and hasattr(self.adapter, "sharded_state_dict"):
+            extra["mamba_dim_info"] = mamba_dim_info(self.to_wrap)
+        out.update(_module_sharded_state_dict(self.adapter, f"{prefix}adapter.", sharded_offsets,
+                                              metadata, **extra))
         return out
 
 
-def _module_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, metadata) -> dict:
-    """``module.sharded_state_dict`` if it has one, else replicated ShardedTensors of its state."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.utils import (
-        ensure_metadata_has_dp_cp_group,
-        make_sharded_tensors_for_checkpoint,
-    )
+def mamba_dim_info(in_proj: nn.Module) -> dict[str, int]:
+    """Local (this TP rank's) sizes of a Mamba in_proj's output blocks, from its config as
+    megatron's MambaMixer derives them: ``d_inner_local_tp``, ``ngroups_local_tp``, ``d_state``,
+    ``nheads_local_tp`` (in_proj's rows are [z; x; B; C; dt] = [d, d, g·s, g·s, h] per rank)."""
+    from bridge.peft.tp import group_size
 
-    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    config = in_proj.config
+    d_state, headdim, ngroups = (config.mamba_state_dim, config.mamba_head_dim,
+                                 config.mamba_num_groups)
+    if getattr(config, "mamba_num_heads", None):
+        nheads = config.mamba_num_heads
+        d_inner = nheads * headdim
+    elif getattr(in_proj, "d_inner", None):
+        d_inner = in_proj.d_inner
+        nheads = d_inner // headdim
+    else:  # full rows N = 2 d + 2 g s + d / headdim, solved for d
+        tp_out = getattr(in_proj, "output_size", None) or in_proj.weight.shape[0] * max(
+            1, group_size(getattr(in_proj, "tp_group", None)))
+        d_inner = headdim * (tp_out - 2 * ngroups * d_state) // (2 * headdim + 1)
+        nheads = d_inner // headdim
+    tp = group_size(getattr(in_proj, "tp_group", None))
+    if tp == 1:
+        tp = int(getattr(in_proj, "tp_size", 1) or 1)
+    return {"d_inner_local_tp": d_inner // tp, "ngroups_local_tp": ngroups // tp,
+            "d_state": d_state, "nheads_local_tp": nheads // tp}
+
+
+def _module_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, metadata,
+                               **extra) -> dict:
+    """``module.sharded_state_dict`` if it has one (``metadata`` passed on as given), else
+    replicated ShardedTensors of its state dict."""
     if hasattr(module, "sharded_state_dict"):
-        return module.sharded_state_dict(prefix, sharded_offsets, metadata)
+        return module.sharded_state_dict(prefix, sharded_offsets, metadata, **extra)
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+    dp_cp_group = (metadata or {}).get("dp_cp_group")
+    if dp_cp_group is None:  # looked up here, not written into the caller's metadata
+        dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     state = module.state_dict(prefix="", keep_vars=True)
     # The TP group must be passed: without it every TP rank claims the main replica (replica id
     # (0, 0, dp)) of these replicated tensors, and a distributed checkpoint save rejects them.
     tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-    return make_sharded_tensors_for_checkpoint(
-        state, prefix, {}, sharded_offsets, tp_group=tp_group,
-        dp_cp_group=metadata.get("dp_cp_group"),
-    )
+    return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets,
+                                               tp_group=tp_group, dp_cp_group=dp_cp_group)

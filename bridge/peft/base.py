@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from bridge.peft.walk import map_modules
+from bridge.peft.recompute import maybe_enable_recompute_inputs_grad
+from bridge.peft.walk_utils import map_modules
 
 __all__ = ["PEFT"]
 
@@ -23,58 +24,67 @@ def _chunks(model) -> list[nn.Module]:
     raise TypeError(f"expected an nn.Module or a list of model chunks, got {type(model).__name__}")
 
 
+def _walk_root(chunk: nn.Module) -> nn.Module:
+    """The module a transform walks: a DDP wrapper's (megatron's or torch's) inner module."""
+    inner = getattr(chunk, "module", None)
+    if isinstance(inner, nn.Module) and (hasattr(chunk, "ddp_config") or isinstance(
+            chunk, torch.nn.parallel.DistributedDataParallel)):
+        return inner
+    return chunk
+
+
+@dataclass
 class PEFT(ABC):
     """Apply ``transform`` to every module of a model (or list of model chunks).
 
-    Call the instance on a model: it freezes the base, walks the modules, and returns the model.
-    With ``training=False`` the adapters are frozen too (inference).
+    Call the instance on a model: it checks that every target matches something (those that
+    match nothing are logged by ``bridge.peft.module_matcher``), freezes the base, walks the
+    modules, makes activation recompute train the adapters (``bridge.peft.recompute``), and
+    returns the model. With ``training=False`` the adapters are frozen too (inference).
     """
 
-    def __post_init__(self) -> None:
-        self.params_to_save: set[str] = set()
-        self._matched: set[str] = set()
+    params_to_save: set[str] = field(default_factory=set, init=False, repr=False)
 
     @abstractmethod
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Return ``module`` unchanged or its replacement (e.g. a LoRA wrapper)."""
 
     def __call__(self, model, training: bool = True):
+        from bridge.peft.module_matcher import ModuleMatcher
+
         chunks = _chunks(model)
-        self._matched = set()
+        if isinstance(self, ModuleMatcher):
+            # Bookkeeping from the *current* target_modules (recipes change them after
+            # construction), then one walk that only matches, to report typos.
+            self._init_target_match_state()
+
+            def validate_only(module, name=None, prefix=None):
+                self.match(module, name, prefix)
+                return module
+
+            for chunk in chunks:
+                map_modules(_walk_root(chunk), validate_only)
+            self._validate_target_matches()
+            self._reset_target_match_state()
         self.freeze_model(model, training=training)
         for chunk in chunks:
-            inner = getattr(chunk, "module", None)
-            target = inner if isinstance(inner, nn.Module) and hasattr(chunk, "ddp_config") else chunk
-            map_modules(target, self.transform)
-        if not training:
+            map_modules(_walk_root(chunk), self.transform)
+        if training:
+            maybe_enable_recompute_inputs_grad(model)
+        else:
             self.freeze_model(model, training=training)
-        unmatched = [p for p in self.target_patterns() if p not in self._matched]
-        if unmatched:
-            warnings.warn(f"{type(self).__name__} target_modules matched no module: {unmatched}",
-                          stacklevel=2)
+        for chunk in chunks:
+            chunk.train(training)
         return model
 
-    def target_patterns(self) -> list[str]:
-        """The patterns the transform targets (each should match something; see __call__)."""
-        mapping = getattr(self, "canonical_mapping", None)
-        return list(mapping) if mapping else list(getattr(self, "target_modules", None) or [])
-
-    def record_match(self, pattern: str) -> None:
-        """Note that ``pattern`` matched a module in this application."""
-        self._matched.add(pattern)
-
     def keep_wrapped(self, module: nn.Module, match) -> nn.Module:
-        """A module this (or an earlier) application already wrapped: count the match and keep
-        its adapter trainable (``__call__`` froze every parameter first), so applying a
-        transform twice equals applying it once."""
+        """A module this (or an earlier) application already wrapped: keep its adapter
+        trainable (``__call__`` froze every parameter first), so applying a transform twice
+        equals applying it once."""
         if match is not None:
-            self.record_match(match[0])
             for name, child in module.named_children():
                 if name != "to_wrap":
                     child.requires_grad_(True)
-            for name, p in module.named_parameters(recurse=False):
-                if name not in ("weight", "bias"):  # a LinearAdapter's own weight/bias are base
-                    p.requires_grad_(True)
         return module
 
     def freeze_model(self, model, training: bool = True) -> None:
@@ -90,6 +100,10 @@ class PEFT(ABC):
         for chunk in _chunks(model):
             names |= {n for n, p in chunk.named_parameters() if p.requires_grad}
             names |= {n for n, _ in chunk.named_buffers() if ".adapter." in n or n.startswith("adapter.")}
+            for module_name, module in chunk.named_modules():  # e.g. batch-norm running stats
+                if hasattr(module, "track_running_stats"):
+                    names |= {f"{module_name}.{b}" if module_name else b
+                              for b, t in module.named_buffers() if t is not None}
         self.params_to_save = names
 
     def adapter_key_filter(self, key) -> bool:

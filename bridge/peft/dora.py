@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bridge.peft.adapter_init import check_adapter_hparams, check_lora_dtype
 from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.base import PEFT
 from bridge.peft.dora_layers import DoRALinear, ParallelLinearDoRAAdapter
+from bridge.peft.errors import PEFTConfigError, UnsupportedModuleError
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
-from bridge.peft.parallel_linear_adapter import check_adapter_hparams, check_lora_dtype
 from bridge.peft.utils import _tp_size, get_adapter_attributes_from_linear, is_expert_linear
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,11 @@ class DoRA(PEFT, ModuleMatcher):
 
     def __post_init__(self) -> None:
         if self.dropout_position != "pre":
-            raise ValueError(
+            raise PEFTConfigError(
                 f"DoRA supports dropout_position='pre' only, got {self.dropout_position!r} "
                 "(its dropout correction term needs the dropped input of the base)"
             )
         ModuleMatcher.__post_init__(self)
-        PEFT.__post_init__(self)
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,
                               (self.lora_A_init_method, self.lora_B_init_method))
         check_lora_dtype(self.lora_dtype)
@@ -68,27 +68,26 @@ class DoRA(PEFT, ModuleMatcher):
         if ans is None:
             return module
         pattern, full_name = ans
-        self.record_match(pattern)
         is_expert = is_expert_linear(full_name)
-        input_is_parallel, in_features, out_features, disable_sp_comm, base_is_parallel = (
-            get_adapter_attributes_from_linear(module, is_expert=is_expert)
-        )
+        attrs = get_adapter_attributes_from_linear(module, is_expert=is_expert)
         whole_io = bool(getattr(module, "gather_output", False)) or (
-            input_is_parallel and not getattr(module, "input_is_parallel", True))
-        if whole_io and _tp_size(is_expert) > 1:
-            raise NotImplementedError(
+            attrs.input_is_parallel and not getattr(module, "input_is_parallel", True))
+        if whole_io and _tp_size(is_expert, module) > 1:
+            raise UnsupportedModuleError(
                 f"DoRA on {full_name!r}: a base that gathers its output (gather_output=True) or "
                 "splits its input itself (input_is_parallel=False) is not supported at TP > 1; "
                 "use LoRA there, or leave it out with exclude_modules")
         logger.info("Adding DoRA to %s", full_name)
         adapter = ParallelLinearDoRAAdapter(
-            in_features, out_features, self.dim, base_linear_name=full_name,
+            attrs.in_features, attrs.out_features, self.dim, base_linear_name=full_name,
             activation="identity", column_init_method=self.lora_A_init_method,
-            row_init_method=self.lora_B_init_method, input_is_parallel=input_is_parallel,
+            row_init_method=self.lora_B_init_method, input_is_parallel=attrs.input_is_parallel,
             dropout=self.dropout, model_parallel_config=getattr(module, "config", None),
             alpha=self.alpha, dropout_position="pre", is_expert=is_expert,
-            disable_sequence_parallel_comm=disable_sp_comm,
-            base_linear_is_parallel=base_is_parallel, params_dtype=self._dtype(module),
+            disable_tensor_parallel_comm=attrs.disable_tensor_parallel_comm,
+            disable_sequence_parallel_comm=attrs.disable_sequence_parallel_comm,
+            base_linear_is_parallel=attrs.base_linear_is_parallel,
+            params_dtype=self._dtype(module), tp_group=getattr(module, "tp_group", None),
         )
         return DoRALinear(module, adapter)
 

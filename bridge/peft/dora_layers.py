@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.peft.adapter_wrapper import AdapterWrapper
-from bridge.peft.lora_merge import acc, adapter_delta, tp_group_and_size
+from bridge.peft.errors import PEFTConfigError
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
+from bridge.peft.tp import acc, tp_group_and_size
 
 __all__ = ["DoRALinear", "ParallelLinearDoRAAdapter"]
 
@@ -37,7 +38,7 @@ class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
 
     def __init__(self, *args, **kwargs) -> None:
         if kwargs.get("dropout_position", "pre") != "pre":
-            raise ValueError(
+            raise PEFTConfigError(
                 f"DoRA supports dropout_position='pre' only, got {kwargs['dropout_position']!r}"
             )
         kwargs["dropout_position"] = "pre"
@@ -67,15 +68,14 @@ class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
     def get_weight_magnitude(self) -> torch.Tensor:
         return self.weight_magnitude
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The LoRA term alone (with dropout); DoRALinear composes the DoRA output."""
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return self.lora_output(x)
+        return self.lora_output(self.dropout(x))
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None,
+                           mamba_dim_info: dict | None = None) -> dict:
         """The factors' sharded tensors plus m (sharded on axis 0 for a column-parallel base)."""
-        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata, mamba_dim_info)
         if not self._megatron:
             from bridge.peft.adapter_wrapper import _module_sharded_state_dict
 
@@ -83,23 +83,22 @@ class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
             holder.weight_magnitude = self.weight_magnitude
             out.update(_module_sharded_state_dict(holder, prefix, sharded_offsets, metadata))
             return out
-        from megatron.core.transformer.utils import (
-            ensure_metadata_has_dp_cp_group,
-            make_sharded_tensors_for_checkpoint,
-        )
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        from bridge.peft.parallel_linear_adapter import swiglu_factory
+
+        dp_cp_group = (metadata or {}).get("dp_cp_group")
+        if dp_cp_group is None:  # looked up here, not written into the caller's metadata
+            dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         axis = {} if self.input_is_parallel else {"weight_magnitude": 0}
         out.update(make_sharded_tensors_for_checkpoint(
             {"weight_magnitude": self.weight_magnitude}, prefix, axis, sharded_offsets,
-            tp_group=self.linear_out.tp_group, dp_cp_group=metadata["dp_cp_group"],
+            tp_group=self.linear_out.tp_group, dp_cp_group=dp_cp_group,
         ))
         if getattr(self, "swiglu_output", False):  # m has fc1's [gate; up] rows, like B
-            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
             key = f"{prefix}weight_magnitude"
-            out[key] = apply_swiglu_sharded_factory(
-                out[key], sharded_offsets, metadata.get("singleton_local_shards", False))
+            out[key] = swiglu_factory(out[key], sharded_offsets, metadata, self.tp_group)
         return out
 
 
@@ -115,6 +114,7 @@ class DoRALinear(AdapterWrapper):
             raise TypeError("DoRALinear needs a ParallelLinearDoRAAdapter, got "
                             f"{type(adapter).__name__}")
         super().__init__(to_wrap, adapter)
+        self.scaling = adapter.scale
         self.adapter.init_weight_magnitude(self.weight_norm().to(adapter.weight_magnitude.dtype))
 
     # ---- the norm --------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class DoRALinear(AdapterWrapper):
         """n = ||W0 + s·B@A|| per output row (whole rows under TP), fp32, detached: [N/tp]
         for a column-parallel base, [N] otherwise."""
         w = acc(self.to_wrap.weight)
-        delta = adapter_delta(self.adapter)
+        delta = self.adapter.delta_weight()
         if delta.shape != w.shape:
             raise ValueError(
                 f"DoRA on {self.adapter.base_linear_name!r}: the adapter's delta has shape "
@@ -134,18 +134,30 @@ class DoRALinear(AdapterWrapper):
             dist.all_reduce(sq, group=group)
         return sq.sqrt()
 
-    def merged_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m · (W0 + s·B@A) / n in fp32, n): this rank's shard of the merged weight."""
-        w = acc(self.to_wrap.weight)
-        w = w + adapter_delta(self.adapter).to(w.dtype)
-        norm = self.weight_norm()
-        m = acc(self.adapter.weight_magnitude).to(w.dtype)
-        return w * (m / norm).unsqueeze(1), norm
+    _get_weight_norm = weight_norm  # Megatron-Bridge's name
 
-    def unmerged_weight(self, merged: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """Invert :meth:`merged_weight` given the norm it used: W0 = W' · n / m - s·B@A."""
-        m = acc(self.adapter.weight_magnitude).to(merged.dtype)
-        return merged * (norm / m).unsqueeze(1) - adapter_delta(self.adapter).to(merged.dtype)
+    def merged_weight(self) -> torch.Tensor:
+        """m · (W0 + s·B@A) / n in fp32: this rank's shard of the merged weight. The norm n is
+        remembered (``_dora_merge_norm``) for :meth:`unmerged_weight`: the merged rows have
+        norm |m|, so n cannot be recovered from them."""
+        with torch.no_grad():
+            w = acc(self.to_wrap.weight)
+            w = w + self.adapter.delta_weight().to(w.dtype)
+            norm = self.weight_norm()
+            m = acc(self.adapter.weight_magnitude).to(w.dtype)
+            self._dora_merge_norm = norm
+            return w * (m / norm).unsqueeze(1)
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`merged_weight` with the norm it used: W0 = W' · n / m - s·B@A."""
+        norm = self.__dict__.pop("_dora_merge_norm", None)
+        if norm is None:
+            raise RuntimeError(f"{type(self).__name__}: unmerged_weight() needs the norm of the "
+                               "merge it inverts; call merged_weight() (merge_lora) first")
+        with torch.no_grad():
+            merged = acc(merged)
+            m = acc(self.adapter.weight_magnitude).to(merged.dtype)
+            return merged * (norm / m).unsqueeze(1) - self.adapter.delta_weight().to(merged.dtype)
 
     # ---- forward ---------------------------------------------------------------------------
     def _bias_in_output(self, returned_bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -190,7 +202,7 @@ class DoRALinear(AdapterWrapper):
         scale = (adapter.weight_magnitude / self.weight_norm().to(adapter.weight_magnitude.dtype))
         scale = scale.to(base.dtype)
         x_in = layernorm_output.contiguous()
-        if adapter.dropout is not None and self.training:
+        if self.training and not isinstance(adapter.dropout, nn.Identity):
             x_drop = adapter.dropout(x_in)
             lora = adapter.lora_output(x_drop).reshape(base.shape).to(base.dtype)
             out = base + (scale - 1) * self._base_without_bias(x_drop).reshape(base.shape) \

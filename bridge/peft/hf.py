@@ -42,9 +42,9 @@ from bridge.peft.canonical_lora import (
     split_qkv,
 )
 from bridge.peft.dora_layers import DoRALinear, ParallelLinearDoRAAdapter
-from bridge.peft.lora_layers import LoRALinear
-from bridge.peft.lora_merge import tp_group_and_size
+from bridge.peft.lora_layers import LinearAdapter, LoRALinear
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
+from bridge.peft.tp import tp_group_and_size
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_hf_adapter", "import_hf_adapter"]
 
@@ -77,10 +77,11 @@ def _check_wrapper(name: str, module: AdapterWrapper) -> None:
             f"{name}: {type(module).__name__} cannot be exchanged with Hugging Face PEFT yet "
             "(LoRA, canonical LoRA and DoRA only)"
         )
-    adapters = module.adapter.values() if isinstance(module, _SplitLoRA) else [module.adapter]
-    allowed = ParallelLinearDoRAAdapter if isinstance(module, DoRALinear) else ParallelLinearAdapter
+    adapters = _wrapper_adapters(module)
+    allowed = (ParallelLinearDoRAAdapter,) if isinstance(module, DoRALinear) \
+        else (ParallelLinearAdapter, LinearAdapter)
     for adapter in adapters:
-        if type(adapter) is not allowed or adapter.activation_name != "identity":
+        if type(adapter) not in allowed or adapter.activation_name != "identity":
             raise NotImplementedError(f"{name}: adapter {type(adapter).__name__} is not plain LoRA")
         if tp_group_and_size(adapter)[1] > 1:
             raise NotImplementedError(
@@ -99,11 +100,17 @@ def _parts(tail: str, module: AdapterWrapper) -> list[str]:
     return [tail.rsplit(".", 1)[-1]]
 
 
-def _adapters_of(model: nn.Module) -> list[ParallelLinearAdapter]:
+def _wrapper_adapters(module: AdapterWrapper) -> list[nn.Module]:
+    if isinstance(module, _SplitLoRA):
+        return [module.part_adapter(p) for p in module.present_parts()]
+    return [module.adapter]
+
+
+def _adapters_of(model: nn.Module) -> list[nn.Module]:
     out = []
     for _, _, name, m in _layers(model):
         _check_wrapper(name, m)
-        out.extend(m.adapter.values() if isinstance(m, _SplitLoRA) else [m.adapter])
+        out.extend(_wrapper_adapters(m))
     return out
 
 
@@ -121,9 +128,9 @@ def _factors(tail: str, module: AdapterWrapper) -> dict[str, dict[str, torch.Ten
     ``lora_A.weight``, ``lora_B.weight`` and, for DoRA, ``lora_magnitude_vector``."""
     parts = _parts(tail, module)
     if isinstance(module, _SplitLoRA):
-        return {p: {"lora_A.weight": module.adapter[module.key(p)].linear_in.weight.detach(),
-                    "lora_B.weight": module.adapter[module.key(p)].linear_out.weight.detach()}
-                for p in parts if module.key(p) in module.adapter}
+        return {p: {"lora_A.weight": module.part_adapter(p).linear_in.weight.detach(),
+                    "lora_B.weight": module.part_adapter(p).linear_out.weight.detach()}
+                for p in parts if module.part_adapter(p) is not None}
     a = module.adapter.linear_in.weight.detach()
     bs = _split_rows(tail, module, module.adapter.linear_out.weight.detach())
     out = {p: {"lora_A.weight": a, "lora_B.weight": b} for p, b in zip(parts, bs, strict=True)}
@@ -227,7 +234,7 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     for index, tail, name, module in layers:
         parts = _parts(tail, module)
         if isinstance(module, _SplitLoRA):
-            parts = [p for p in parts if module.key(p) in module.adapter]
+            parts = [p for p in parts if module.part_adapter(p) is not None]
         keys = {p: f"{HF_PREFIX}.{index}.{_HF_NAME[p]}" for p in parts}
         suffixes = ["lora_A.weight", "lora_B.weight"] + (["lora_magnitude_vector"] * dora)
         needed |= {f"{k}.{x}" for k in keys.values() for x in suffixes}
@@ -249,7 +256,7 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         b_s = {p: given[f"{k}.lora_B.weight"] for p, k in keys.items()}
         if isinstance(module, _SplitLoRA):
             for p in keys:
-                adapter = module.adapter[module.key(p)]
+                adapter = module.part_adapter(p)
                 put(f"{name}.{module.key(p)}.linear_in", adapter.linear_in.weight, a_s[p])
                 put(f"{name}.{module.key(p)}.linear_out", adapter.linear_out.weight, b_s[p])
             continue

@@ -1,17 +1,74 @@
-"""LoRA layers: ``LoRALinear`` (an AdapterWrapper over a Megatron or torch linear) and
-``LinearAdapter`` (LoRA folded into a plain ``nn.Linear``)."""
+"""LoRA layers (Megatron-Bridge's ``lora_layers``): ``LoRALinear`` (base + adapter, for any
+linear), ``LinearAdapter`` (the scaled low-rank delta for a plain ``nn.Linear``) and
+``LoRATopKRouter`` (LoRA on a MoE router's gating logits).
+
+LoRA over a plain ``nn.Linear`` is ``LoRALinear(to_wrap=linear, adapter=LinearAdapter(linear))``:
+the base keeps its ``weight`` / ``bias`` keys, the factors are ``adapter.linear_in.weight`` (A)
+and ``adapter.linear_out.weight`` (B). State dicts of the earlier folded layout (one module with
+``weight``, ``bias``, ``lora_a.weight``, ``lora_b.weight``) load into it, with one deprecation
+warning per process.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bridge.kernels.backend import resolve_backend, validate_backend_name
-from bridge.peft.adapter_wrapper import AdapterSwitch, AdapterWrapper
-from bridge.peft.parallel_linear_adapter import check_adapter_hparams, get_init_fn
+from bridge.kernels.backend import validate_backend_name
+from bridge.peft.adapter_init import check_adapter_hparams, check_lora_dtype, get_init_fn
+from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.errors import PEFTConfigError
+from bridge.peft.lora_merge import LoRAMerge
+from bridge.peft.tp import acc, base_tp_io
 
-__all__ = ["LinearAdapter", "LoRALinear", "patch_linear_module"]
+__all__ = ["GEMM_STRATEGIES", "LinearAdapter", "LoRALinear", "LoRATopKRouter",
+           "patch_linear_module", "validate_gemm_strategy"]
+
+# How the fused path runs the big GEMMs: 'fused' (one Triton kernel, low-rank term in its
+# accumulator), 'cublas' (cuBLAS GEMM reading the low-rank term in its epilogue), 'auto' (measured).
+GEMM_STRATEGIES = ("auto", "fused", "cublas")
+
+_LEGACY_KEYS = {"lora_a.": "adapter.linear_in.", "lora_b.": "adapter.linear_out.",
+                "linear_in.": "adapter.linear_in.", "linear_out.": "adapter.linear_out."}
+_legacy_warned = False
+
+
+def validate_gemm_strategy(value: str | None, *, what: str = "kernel_gemm") -> str:
+    """Normalise a GEMM strategy name ('auto' for None).
+
+    Raises:
+        ValueError: not one of 'auto', 'fused', 'cublas'.
+    """
+    if value is None:
+        return "auto"
+    if not isinstance(value, str) or value.lower() not in GEMM_STRATEGIES:
+        raise ValueError(f"unknown {what} {value!r}; expected one of "
+                         f"{', '.join(repr(s) for s in GEMM_STRATEGIES)}")
+    return value.lower()
+
+
+def _warn_legacy_layout(where: str) -> None:
+    global _legacy_warned
+    if not _legacy_warned:
+        _legacy_warned = True
+        warnings.warn(
+            f"{where}: loading LoRA weights saved in the deprecated folded LinearAdapter layout "
+            "(lora_a.weight / lora_b.weight beside the base weight); they now load as "
+            "adapter.linear_in.weight / adapter.linear_out.weight. Save again to write the "
+            "current layout (this warning is shown once).", FutureWarning, stacklevel=3)
+
+
+def upgrade_legacy_key(rest: str, where: str = "LoRALinear") -> str | None:
+    """The current name (relative to a LoRALinear over an ``nn.Linear``) of a key of the folded
+    layout, e.g. 'lora_a.weight' -> 'adapter.linear_in.weight'; None for any other key."""
+    for old, new in _LEGACY_KEYS.items():
+        if rest.startswith(old):
+            _warn_legacy_layout(where)
+            return new + rest[len(old):]
+    return None
 
 
 class LoRALinear(AdapterWrapper):
@@ -20,12 +77,32 @@ class LoRALinear(AdapterWrapper):
     Returns what the base returns, less the layernorm output: ``(out, bias)`` (the bias passed
     through for Megatron's bias-dropout-add) or a bare tensor for a bare-tensor base. When the
     backend resolves to a fused kernel (``kernel_backend`` or ``BRIDGE_KERNEL_BACKEND``), the base
-    GEMM and the adapter run as one op; otherwise the eager module path runs.
+    GEMM and the adapter run as one op (its big GEMMs as ``kernel_gemm`` says); otherwise the
+    eager module path runs.
+
+    Args:
+        to_wrap: the base linear. adapter: a module computing only the adapter's term
+            (``ParallelLinearAdapter``, ``LinearAdapter``, or any module of the base's input).
+        kernel_backend: 'auto' | 'triton' | 'cuda' | 'eager'.
+        kernel_gemm: 'auto' | 'fused' | 'cublas'.
+
+    Raises:
+        PEFTConfigError: the adapter shares parameters with the base (its output would hold the
+            base's output, added twice).
     """
 
-    def __init__(self, to_wrap: nn.Module, adapter: nn.Module, kernel_backend: str = "auto"):
+    def __init__(self, to_wrap: nn.Module, adapter: nn.Module, kernel_backend: str = "auto",
+                 kernel_gemm: str = "auto") -> None:
         super().__init__(to_wrap, adapter)
+        shared = {id(p) for p in to_wrap.parameters()} & {id(p) for p in adapter.parameters()}
+        if shared:
+            raise PEFTConfigError(
+                f"the adapter ({type(adapter).__name__}) holds parameters of the base "
+                f"({type(to_wrap).__name__}): LoRALinear adds the adapter's output to the base's, "
+                "so the adapter must compute only the low-rank term (e.g. "
+                "LoRALinear(linear, LinearAdapter(linear)))")
         self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
+        self.kernel_gemm = validate_gemm_strategy(kernel_gemm)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self._adapter_enabled:
@@ -37,163 +114,164 @@ class LoRALinear(AdapterWrapper):
         linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
         if not self._adapter_enabled:
             return self.wrap_output(linear_output, bias)
-        scatter_in, gather_out, group = _base_tp_io(self.to_wrap, self.adapter)
+        scatter_in, gather_out, group = base_tp_io(self.to_wrap, self.adapter)
         adapter_input = layernorm_output.contiguous()
         if scatter_in or gather_out:
             from megatron.core.tensor_parallel import mappings
         if scatter_in:  # row base with input_is_parallel=False: it splits x on K itself
             adapter_input = mappings.scatter_to_tensor_model_parallel_region(adapter_input,
                                                                              group=group)
-        adapter_output = self.adapter(adapter_input)
+        adapter_output = self.adapter_forward(self.adapter, adapter_input, *args, **kwargs)
         if gather_out:  # column base with gather_output=True: its output is whole on N
             adapter_output = mappings.gather_from_tensor_model_parallel_region(adapter_output,
                                                                                group=group)
         adapter_output = adapter_output.reshape(linear_output.shape)
-        return self.wrap_output(linear_output + adapter_output, bias)
+        if adapter_output.dtype == linear_output.dtype:
+            return self.wrap_output(linear_output + adapter_output, bias)
+        # lora_dtype differs: add at the wider precision, return in the base's dtype.
+        return self.wrap_output(torch.add(linear_output, adapter_output).to(linear_output.dtype),
+                                bias)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The merged weight W + s·B@A (this rank's shard; detached), in W's dtype."""
-        w = self.to_wrap.weight
-        a = self.adapter.linear_in.weight.detach().float()
-        b = self.adapter.linear_out.weight.detach().float()
-        if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
-            raise RuntimeError(
-                f"merged weight of a tensor-parallel LoRA needs the gathered factors: W shard "
-                f"{tuple(w.shape)}, A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                "use bridge.peft.lora_merge for TP > 1"
-            )
-        return (w.detach().float() + self.adapter.scale * (b @ a)).to(w.dtype)
+        """The effective weight: W + s·B@A (this rank's shard, differentiable in A and B, in W's
+        dtype), or the base weight itself while the adapter is switched off."""
+        base_weight = self.to_wrap.weight
+        if not self._adapter_enabled:
+            return base_weight
+        adapter = self.adapter
+        if getattr(adapter, "activation_name", "identity") != "identity":
+            raise NotImplementedError(f"{type(adapter).__name__} with activation "
+                                      f"{adapter.activation_name!r} has no effective weight")
+        tp_group = getattr(adapter, "tp_group", None) if getattr(adapter, "_megatron", False) \
+            else None
+        return LoRAMerge().merge(base_weight, adapter.linear_out.weight, adapter.linear_in.weight,
+                                 adapter.alpha, adapter.dim, tp_group=tp_group,
+                                 scale=getattr(adapter, "scale", None))
 
     @property
     def bias(self) -> torch.Tensor | None:
         """The base bias."""
         return getattr(self.to_wrap, "bias", None)
 
-
-def _base_tp_io(base: nn.Module, adapter: nn.Module) -> tuple[bool, bool, object]:
-    """(scatter the adapter's input on K?, gather its output on N?, TP group) for the base's own
-    communication that the adapter layout leaves out: a megatron row base with
-    ``input_is_parallel=False`` takes x whole, a column base with ``gather_output=True`` returns
-    y whole (both only at TP > 1)."""
-    if not getattr(adapter, "_megatron", False):
-        return False, False, None
-    group = getattr(base, "tp_group", None)
-    if group is None or torch.distributed.get_world_size(group) == 1:
-        return False, False, None
-    scatter_in = adapter.input_is_parallel and not getattr(base, "input_is_parallel", True)
-    gather_out = not adapter.input_is_parallel and bool(getattr(base, "gather_output", False))
-    return scatter_in, gather_out, group
+    def _upgrade_key(self, rest: str) -> str | None:
+        if isinstance(self.adapter, LinearAdapter):
+            return upgrade_legacy_key(rest)
+        return None
 
 
-class LinearAdapter(AdapterSwitch, nn.Linear):
-    """LoRA folded into an ``nn.Linear``: y = x W^T + b + scale * B(A(dropout(x))).
+class LinearAdapter(nn.Module):
+    """The LoRA term for a plain ``nn.Linear``: scale * B(A(dropout(x))), nothing of the base.
 
-    The base weight and bias are copied from ``orig_linear`` and frozen; ``lora_a`` ([r, K]) and
-    ``lora_b`` ([N, r]) are the trainable factors. The fused kernel runs when ``kernel_backend``
-    resolves to one; otherwise the eager path below.
+    Wrap it with its base: ``LoRALinear(linear, LinearAdapter(linear))``. It exposes what
+    ``ParallelLinearAdapter`` does (``linear_in``, ``linear_out``, ``scale``, ``dim``, ``alpha``,
+    ``dropout`` / ``dropout_p``, ``dropout_position``, ``activation_name``), so the wrapper's fused
+    path takes it.
+
+    Args:
+        orig_linear: the base; only its sizes, device and dtype are read (its weights are not
+            copied). dim: rank r. alpha: scale numerator (s = alpha / dim).
+        dropout, dropout_position: 'pre' (on x) or 'post' (on the LoRA term).
+        lora_A_init_method: 'xavier' (Xavier-uniform), 'uniform' / 'kaiming' (Kaiming-uniform,
+            a = sqrt 5), 'normal' or 'zero'.
+        lora_dtype: dtype of A and B (default: the base weight's).
+        lora_B_init_method: init of B (default 'zero', so the model starts as the base).
     """
 
-    def __init__(
-        self,
-        orig_linear: nn.Linear,
-        dim: int = 8,
-        alpha: float = 32,
-        dropout: float = 0.0,
-        dropout_position: str = "pre",
-        lora_A_init_method: str = "xavier",  # noqa: N803  (Megatron-Bridge's name)
-        lora_B_init_method: str = "zero",  # noqa: N803
-        lora_dtype: torch.dtype | None = None,
-        kernel_backend: str = "auto",
-    ) -> None:
+    activation_name = "identity"
+    input_is_parallel = False
+    _megatron = False
+
+    def __init__(self, orig_linear: nn.Linear, dim: int = 8, alpha: float = 32,
+                 dropout: float = 0.0, dropout_position: str = "pre",
+                 lora_A_init_method: str = "xavier",  # noqa: N803  (Megatron-Bridge's name)
+                 lora_dtype: torch.dtype | None = None, *,
+                 lora_B_init_method: str = "zero",  # noqa: N803
+                 kernel_backend: str | None = None) -> None:
+        super().__init__()
         if not isinstance(orig_linear, nn.Linear):
             raise TypeError(f"LinearAdapter wraps an nn.Linear, got {type(orig_linear).__name__}")
+        if kernel_backend is not None:
+            raise TypeError("LinearAdapter computes only the LoRA term; pass kernel_backend to "
+                            "its wrapper: LoRALinear(linear, LinearAdapter(linear), "
+                            f"kernel_backend={kernel_backend!r})")
         check_adapter_hparams(dim, alpha, dropout, dropout_position,
                               (lora_A_init_method, lora_B_init_method))
+        check_lora_dtype(lora_dtype)
+        self.in_features, self.out_features = orig_linear.in_features, orig_linear.out_features
+        self.base_linear_name = ""
         w = orig_linear.weight
-        super().__init__(orig_linear.in_features, orig_linear.out_features,
-                         bias=orig_linear.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.weight.copy_(w)
-            if orig_linear.bias is not None:
-                self.bias.copy_(orig_linear.bias)
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         self._init_adapter(dim, alpha, dropout, dropout_position, lora_A_init_method,
-                           lora_B_init_method, lora_dtype)
-        self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
-        self._adapter_enabled = True
-        self._register_load_state_dict_pre_hook(self._accept_linear_in_out_keys)
+                           lora_B_init_method, lora_dtype or w.dtype, w.device)
+        self._register_load_state_dict_pre_hook(self._accept_folded_names)
 
-    # Megatron-Bridge's newer LinearAdapter names the factors linear_in / linear_out (as
-    # ParallelLinearAdapter does): both names reach the same modules, and both key spellings load.
-    _FACTOR_ALIASES = {"linear_in.": "lora_a.", "linear_out.": "lora_b."}
-
-    @property
-    def linear_in(self) -> nn.Linear:
-        """A ([r, K]); the same module as ``lora_a``."""
-        return self.lora_a
-
-    @property
-    def linear_out(self) -> nn.Linear:
-        """B ([N, r]); the same module as ``lora_b``."""
-        return self.lora_b
-
-    def _accept_linear_in_out_keys(self, state_dict, prefix, *args) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            for alias, name in self._FACTOR_ALIASES.items():
-                if rest.startswith(alias):
-                    state_dict[prefix + name + rest[len(alias):]] = state_dict.pop(key)
-
-    def _init_adapter(self, dim, alpha, dropout, dropout_position, a_init, b_init, lora_dtype):
-        dtype = lora_dtype or self.weight.dtype
-        device = self.weight.device
+    @torch.no_grad()
+    def _init_adapter(self, dim, alpha, dropout, dropout_position, a_init, b_init, dtype,
+                      device) -> None:
         self.dim, self.alpha = dim, alpha
         self.scale = alpha / dim
-        self.lora_a = nn.Linear(self.in_features, dim, bias=False, dtype=dtype, device=device)
-        self.lora_b = nn.Linear(dim, self.out_features, bias=False, dtype=dtype, device=device)
-        with torch.no_grad():
-            get_init_fn(a_init)(self.lora_a.weight)
-            get_init_fn(b_init)(self.lora_b.weight)
+        self.linear_in = nn.Linear(self.in_features, dim, bias=False, dtype=dtype, device=device)
+        self.linear_out = nn.Linear(dim, self.out_features, bias=False, dtype=dtype,
+                                    device=device)
+        if a_init == "xavier":  # LinearAdapter's xavier is the uniform one (as upstream's)
+            nn.init.xavier_uniform_(self.linear_in.weight)
+        elif a_init == "uniform":
+            nn.init.kaiming_uniform_(self.linear_in.weight, a=math.sqrt(5))
+        else:
+            get_init_fn(a_init)(self.linear_in.weight)
+        get_init_fn(b_init)(self.linear_out.weight)
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_position = dropout_position
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._adapter_enabled:
-            return F.linear(x, self.weight, self.bias)
-        same_dtype = self.lora_a.weight.dtype == self.weight.dtype == x.dtype \
-            and not torch.is_autocast_enabled(x.device.type)
-        choice = resolve_backend(
-            self.kernel_backend, "lora_linear", device=x.device, dtype=x.dtype,
-            constraints=[(not self.weight.requires_grad,
-                          "base weight requires grad (the fused path is for a frozen base)"),
-                         (same_dtype, "input, base and lora dtypes differ (or autocast is on): "
-                                      "the fused path runs in one dtype")],
-        )
-        if choice.name != "eager":
-            from bridge.kernels.lora_linear import lora_linear
+    def _accept_folded_names(self, state_dict, prefix, *args) -> None:
+        """Factor keys of the folded layout (lora_a / lora_b) load as linear_in / linear_out."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in (("lora_a.", "linear_in."), ("lora_b.", "linear_out.")):
+                if rest.startswith(old):
+                    _warn_legacy_layout("LinearAdapter")
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
 
-            return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight,
-                               scale=self.scale, dropout=self.dropout_p,
-                               dropout_position=self.dropout_position, training=self.training,
-                               backend=choice.name)
-        res = F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The scaled LoRA term [..., N] (in the adapter's dtype) of x [..., K]; extra arguments
+        (the base's call arguments) are ignored."""
+        del args, kwargs
         if self.dropout_position == "pre":
             x = self.dropout(x)
-        # The scale goes on the [..., r] intermediate, not on the [..., N] output (linear in it),
-        # and the add rides in the second GEMM (addmm): two passes over the output fewer.
-        s = self.lora_a(x.to(self.lora_a.weight.dtype)) * self.scale
+        # The scale goes on the [..., r] intermediate, not the [..., N] output (linear in it).
+        out = self.linear_out(self.linear_in(x.to(self.linear_in.weight.dtype)) * self.scale)
         if self.dropout_position == "post":
-            return res + self.dropout(self.lora_b(s)).to(res.dtype)
-        n, r = self.lora_b.weight.shape
-        out = torch.addmm(res.reshape(-1, n), s.reshape(-1, r).to(res.dtype),
-                          self.lora_b.weight.t().to(res.dtype))
-        return out.view(res.shape)
+            out = self.dropout(out)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B @ A [N, K] in fp32 (fp64 for fp64 factors), detached."""
+        with torch.no_grad():
+            return LoRAMerge.delta(acc(self.linear_out.weight), acc(self.linear_in.weight),
+                                   self.scale)
 
 
-def patch_linear_module(orig_linear: nn.Linear, **kwargs) -> LinearAdapter:
-    """Return a ``LinearAdapter`` that replaces ``orig_linear`` (Megatron-Bridge's helper name)."""
-    return LinearAdapter(orig_linear, **kwargs)
+class LoRATopKRouter(AdapterWrapper):
+    """LoRA on a megatron-core MoE ``TopKRouter``: logits = gating(x) + s·B(A(x)), then the
+    router's own routing (so its jitter, load balancing and score function are unchanged)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        router = self.to_wrap
+        router._maintain_float32_expert_bias()
+        jittered = router.apply_input_jitter(x)
+        logits = router.gating(jittered)
+        if self._adapter_enabled:
+            logits = logits + self.adapter(jittered.contiguous()).to(logits.dtype)
+        if router.config.moe_router_force_load_balancing:
+            from megatron.core.transformer.moe.moe_utils import apply_random_logits
+
+            logits = apply_random_logits(logits)
+        return router.routing(logits, *args, **kwargs)
+
+
+def patch_linear_module(orig_linear: nn.Linear, **kwargs) -> LoRALinear:
+    """LoRA on ``orig_linear``: ``LoRALinear(orig_linear, LinearAdapter(orig_linear, **kwargs))``
+    (``kernel_backend`` / ``kernel_gemm`` go to the wrapper)."""
+    wrapper_kwargs = {k: kwargs.pop(k) for k in ("kernel_backend", "kernel_gemm") if k in kwargs}
+    return LoRALinear(orig_linear, LinearAdapter(orig_linear, **kwargs), **wrapper_kwargs)

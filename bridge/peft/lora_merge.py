@@ -1,4 +1,5 @@
-"""Merge LoRA (and DoRA, canonical LoRA) adapters into their base weights, and back.
+"""Merge adapters into their base weights and back: Megatron-Bridge's ``LoRAMerge`` tensor helper
+and ours, ``merge_lora`` / ``unmerge_lora`` / ``merge_and_unload``.
 
 Every rank merges its own shard: W_local += s · (B @ A)_local in fp32, cast back to W's dtype.
 With tensor parallelism the local shard of B @ A needs one gathered factor:
@@ -8,11 +9,12 @@ With tensor parallelism the local shard of B @ A needs one gathered factor:
 - row-parallel base (W [N, K/tp]): A is split on K like W, B is split on N, so B is gathered:
   (B @ A)_local = B_full @ A_local.
 
+The merge functions know no adapter type: each wrapper computes its own merged weight
+(``merged_weight()``) and its inverse (``unmerged_weight(merged)``): LoRA adds s·B@A, canonical
+LoRA its parts' deltas in the fused layer's row layout, DoRA rescales rows by m / ||W + s·B@A||.
 ``merge_lora`` merges in place and switches the adapter off (the wrapper then computes the base
-alone, whose weight now holds the adapter); ``unmerge_lora`` subtracts the same delta (exact up to
-W's dtype rounding) and switches it back on. ``merge_and_unload`` returns the model without
-wrappers. DoRA merges to W' = m · (W + sBA) / ||W + sBA|| (row norms over the whole, unsplit row);
-its unmerge uses the norm remembered at merge time.
+alone, whose weight now holds the adapter); ``unmerge_lora`` switches it back on;
+``merge_and_unload`` returns the model without wrappers.
 
 The merged state lives on the module (``_lora_merged``), not in its state dict: a checkpoint of
 a merged model holds merged base weights *and* the adapters, so load it into a model that is
@@ -26,137 +28,121 @@ import torch.distributed as dist
 from torch import nn
 
 from bridge.peft.adapter_wrapper import AdapterWrapper
-from bridge.peft.lora_layers import LinearAdapter
-from bridge.peft.walk import map_modules
+from bridge.peft.tp import group_size
+from bridge.peft.walk_utils import map_modules
 
-__all__ = [
-    "MergeError",
-    "acc",
-    "adapter_delta",
-    "gather_along_dim0",
-    "merge_and_unload",
-    "merge_lora",
-    "tp_group_and_size",
-    "unmerge_lora",
-]
+__all__ = ["LoRAMerge", "MergeError", "merge_and_unload", "merge_lora", "unmerge_lora"]
 
 
 class MergeError(RuntimeError):
     """A merge or unmerge that cannot be done (already merged, not merged, unsupported layer)."""
 
 
-# ---- tensor-parallel helpers (no autograd: merges and DoRA norms are detached) ------------------
-def tp_group_and_size(adapter: nn.Module) -> tuple[object | None, int]:
-    """The tensor-parallel group of a ParallelLinearAdapter's factors and its size (1 without
-    megatron factors or without an initialised process group)."""
-    if not getattr(adapter, "_megatron", False) or not dist.is_available() \
-            or not dist.is_initialized():
-        return None, 1
-    group = getattr(adapter.linear_in, "tp_group", None)
-    if group is None:
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_tensor_model_parallel_group()
-    return group, dist.get_world_size(group)
-
-
-def gather_along_dim0(t: torch.Tensor, group, size: int) -> torch.Tensor:
-    """All-gather equal shards of ``t`` over ``group`` and concatenate them on dim 0."""
+def _gather_dim0(t: torch.Tensor, group, size: int) -> torch.Tensor:
+    """All-gather equal dim-0 shards; differentiable (reduce-scatter backward) when ``t`` needs a
+    gradient, so an effective weight built from it trains its factors."""
     if size == 1:
         return t
+    if torch.is_grad_enabled() and t.requires_grad:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        return gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True,
+                                                    group=group)
     parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
     return torch.cat(parts, dim=0)
 
 
-def acc(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached in the accumulation dtype: fp32, or fp64 for fp64 tensors."""
-    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+class LoRAMerge:
+    """Tensor helper that merges LoRA factors into a base weight shard (Megatron-Bridge's
+    ``LoRAMerge``), exact under tensor parallelism (see the module docstring)."""
 
+    @staticmethod
+    def delta(linear_out: torch.Tensor, linear_in: torch.Tensor, scale: float, *,
+              gather: str | None = None, tp_group=None) -> torch.Tensor:
+        """s · B @ A in the accumulation dtype (fp32, fp64 for fp64), differentiable.
 
-def adapter_delta(adapter: nn.Module) -> torch.Tensor:
-    """This rank's shard of s · B @ A in fp32, detached: [N/tp, K] for a column-parallel base,
-    [N, K/tp] for a row-parallel one, [N, K] otherwise."""
-    if getattr(adapter, "activation_name", "identity") != "identity":
-        raise MergeError(
-            f"adapter of {getattr(adapter, 'base_linear_name', '?')!r} has activation "
-            f"{adapter.activation_name!r}; only a linear (identity) adapter can be merged"
-        )
-    a, b = acc(adapter.linear_in.weight), acc(adapter.linear_out.weight)
-    group, size = tp_group_and_size(adapter)
-    if adapter.input_is_parallel:
-        b = gather_along_dim0(b, group, size)
-    else:
-        a = gather_along_dim0(a, group, size)
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return adapter.scale * (b.to(dtype) @ a.to(dtype))
+        Args:
+            linear_out: B [N or N/tp, r]. linear_in: A [r or r/tp, K or K/tp].
+            gather: None, 'linear_in' (A split on r: column-parallel base) or 'linear_out'
+                (B split on N: row-parallel base), gathered over ``tp_group``.
+        """
+        size = group_size(tp_group)
+        if gather == "linear_in":
+            linear_in = _gather_dim0(linear_in, tp_group, size)
+        elif gather == "linear_out":
+            linear_out = _gather_dim0(linear_out, tp_group, size)
+        elif gather is not None:
+            raise ValueError(f"gather must be None, 'linear_in' or 'linear_out', got {gather!r}")
+        dtype = torch.promote_types(torch.promote_types(linear_out.dtype, linear_in.dtype),
+                                    torch.float32)
+        return scale * (linear_out.to(dtype) @ linear_in.to(dtype))
+
+    def merge(self, base_weight: torch.Tensor, linear_out: torch.Tensor,
+              linear_in: torch.Tensor, alpha: float, dim: int, *, tp_group,
+              scale: float | None = None) -> torch.Tensor:
+        """W + s · B @ A for this rank's shard of W, in W's dtype (computed in fp32).
+
+        Which factor to gather follows from the shapes: A [r/tp, K] beside W [N/tp, K] is a
+        column-parallel layout, B [N/tp, r] beside W [N, K/tp] a row-parallel one.
+
+        Args:
+            base_weight: W [N or N/tp, K or K/tp]. linear_out: B. linear_in: A.
+            alpha, dim: the scale is alpha / dim unless ``scale`` is given.
+            tp_group: the adapter's tensor-parallel group (None: no gather).
+
+        Raises:
+            ValueError: the shapes fit no layout (they are named).
+        """
+        s = alpha / dim if scale is None else scale
+        n, k = base_weight.shape
+        size = group_size(tp_group)
+        (n_out, r_out), (r_in, k_in) = linear_out.shape, linear_in.shape
+        if (n_out, k_in, r_in) == (n, k, r_out):
+            gather = None
+        elif size > 1 and (n_out, k_in, r_in * size) == (n, k, r_out):
+            gather = "linear_in"
+        elif size > 1 and (n_out * size, k_in, r_in) == (n, k, r_out):
+            gather = "linear_out"
+        else:
+            raise ValueError(
+                f"LoRA factors do not fit the base weight shard: W {tuple(base_weight.shape)}, "
+                f"linear_out (B) {tuple(linear_out.shape)}, linear_in (A) "
+                f"{tuple(linear_in.shape)}, tensor-parallel size {size}")
+        delta = self.delta(linear_out, linear_in, s, gather=gather, tp_group=tp_group)
+        return (base_weight.to(delta.dtype) + delta).to(base_weight.dtype)
 
 
 # ---- per-module merge --------------------------------------------------------------------------
-def _is_dora(module: nn.Module) -> bool:
-    from bridge.peft.dora_layers import DoRALinear
-
-    return isinstance(module, DoRALinear)
-
-
-def _wrapper_delta(module: AdapterWrapper) -> torch.Tensor:
-    """fp32 delta of this rank's base-weight shard for a LoRA-type wrapper."""
-    if hasattr(module, "delta_weight"):  # canonical LoRA (split q/k/v, up/gate)
-        return module.delta_weight()
-    return adapter_delta(module.adapter)
+def _check_shape(name: str, weight: torch.Tensor, new: torch.Tensor) -> None:
+    if weight.shape != new.shape:
+        raise MergeError(f"cannot merge {name}: the merged weight has shape {tuple(new.shape)} "
+                         f"but the base weight shard has shape {tuple(weight.shape)}")
 
 
-def _check_shape(name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
-    if weight.shape != delta.shape:
-        raise MergeError(
-            f"cannot merge {name}: the adapter's delta has shape {tuple(delta.shape)} but the base "
-            f"weight shard has shape {tuple(weight.shape)}"
-        )
-
-
-def _linear_adapter_delta(m: LinearAdapter) -> torch.Tensor:
-    return m.scale * (acc(m.lora_b.weight) @ acc(m.lora_a.weight))
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    return module.weight if isinstance(module, LinearAdapter) else module.to_wrap.weight
-
-
-def _merge_one(module: nn.Module, name: str) -> None:
+def _merge_one(module: AdapterWrapper, name: str) -> None:
     if getattr(module, "_lora_merged", False):
         raise MergeError(f"{name or type(module).__name__} is already merged; "
                          "unmerge_lora it first")
-    weight = _base_weight(module)
+    weight = module.to_wrap.weight
     with torch.no_grad():
-        if isinstance(module, LinearAdapter):
-            new = acc(weight) + _linear_adapter_delta(module).to(acc(weight).dtype)
-        elif _is_dora(module):
-            merged, norm = module.merged_weight()
-            module._dora_merge_norm = norm
-            new = merged
-        else:
-            delta = _wrapper_delta(module)
-            _check_shape(name, weight, delta)
-            new = acc(weight) + delta
-        weight.copy_(new.to(weight.dtype))
+        try:
+            new = module.merged_weight()
+        except ValueError as err:  # the wrapper names the shapes that do not fit
+            raise MergeError(f"cannot merge {name}: {err}") from err
+        _check_shape(name, weight, new)
+        weight.copy_(new)
     module._lora_merged = True
     module._enabled_before_merge = module.adapter_enabled
     module.disable_adapter_layers()
 
 
-def _unmerge_one(module: nn.Module, name: str) -> None:
+def _unmerge_one(module: AdapterWrapper, name: str) -> None:
     if not getattr(module, "_lora_merged", False):
         raise MergeError(f"{name or type(module).__name__} is not merged; nothing to unmerge")
-    weight = _base_weight(module)
+    weight = module.to_wrap.weight
     with torch.no_grad():
-        if isinstance(module, LinearAdapter):
-            new = acc(weight) - _linear_adapter_delta(module).to(acc(weight).dtype)
-        elif _is_dora(module):
-            new = module.unmerged_weight(acc(weight), module._dora_merge_norm)
-            del module._dora_merge_norm
-        else:
-            new = acc(weight) - _wrapper_delta(module)
-        weight.copy_(new.to(weight.dtype))
+        weight.copy_(module.unmerged_weight(weight))
     module._lora_merged = False
     if module.__dict__.pop("_enabled_before_merge", True):
         module.enable_adapter_layers()
@@ -164,7 +150,7 @@ def _unmerge_one(module: nn.Module, name: str) -> None:
 
 def _wrappers(module: nn.Module):
     for name, m in module.named_modules():
-        if isinstance(m, (AdapterWrapper, LinearAdapter)):
+        if isinstance(m, AdapterWrapper):
             yield name, m
 
 
@@ -185,7 +171,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
     Raises:
         MergeError: a layer is already merged or its adapter is switched off (named), or its
-            delta does not match the weight's shape.
+            merged weight does not match the weight's shape.
     """
     wrappers = list(_wrappers(module))
     if not wrappers:
@@ -214,25 +200,7 @@ def unmerge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
-def _plain_linear(m: LinearAdapter) -> nn.Linear:
-    if not getattr(m, "_lora_merged", False):
-        _merge_one(m, "")
-    w = m.weight
-    out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device,
-                    dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if m.bias is not None:
-            out.bias.copy_(m.bias)
-    out.weight.requires_grad_(w.requires_grad)
-    if out.bias is not None:
-        out.bias.requires_grad_(m.bias.requires_grad)
-    return out
-
-
-def _unwrap(m: nn.Module, name: str = "") -> nn.Module:
-    if isinstance(m, LinearAdapter):
-        return _plain_linear(m)
+def _unwrap(m: AdapterWrapper, name: str = "") -> nn.Module:
     if not getattr(m, "_lora_merged", False):
         _merge_one(m, name)
     base = m.to_wrap
@@ -245,24 +213,23 @@ def _unwrap(m: nn.Module, name: str = "") -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and return the model without wrappers.
-
-    Each ``AdapterWrapper`` (LoRA, DoRA, canonical LoRA) is replaced by its base with the merged
-    weight; each ``LinearAdapter`` by a plain ``nn.Linear``. Layers already merged with
-    :func:`merge_lora` are unwrapped as they are. Collective under tensor parallelism.
+    """Merge every adapter and return the model without wrappers: each ``AdapterWrapper`` (LoRA
+    over any base, plain ``nn.Linear`` included; DoRA; canonical LoRA) is replaced by its base
+    holding the merged weight. Layers already merged with :func:`merge_lora` are unwrapped as
+    they are. Collective under tensor parallelism.
 
     Raises:
-        MergeError: the model has no adapters.
+        MergeError: the model has no adapters, or one is switched off.
     """
     wrappers = list(_wrappers(model))
     if not wrappers:
         raise MergeError(f"no LoRA/DoRA adapters found in {type(model).__name__}")
     _refuse_disabled(wrappers)
-    if isinstance(model, (AdapterWrapper, LinearAdapter)):
+    if isinstance(model, AdapterWrapper):
         return _unwrap(model)
 
     def fn(child: nn.Module, name: str, prefix: str) -> nn.Module:
-        if isinstance(child, (AdapterWrapper, LinearAdapter)):
+        if isinstance(child, AdapterWrapper):
             return _unwrap(child, f"{prefix}.{name}" if prefix else name)
         return child
 

@@ -5,66 +5,53 @@ ColumnParallelLinear split on r with its output gathered, ``linear_out`` (B, [N,
 ColumnParallelLinear split on N like the base; for a row-parallel base (``input_is_parallel``),
 ``linear_in`` is a RowParallelLinear split on K (S all-reduced) and ``linear_out`` a
 ColumnParallelLinear whose output is gathered. With sequence parallelism the column case gathers
-the sequence before ``linear_in`` and the row case scatters it after ``linear_out``.
+the sequence before ``linear_in`` and the row case scatters it after ``linear_out`` (or, with
+``a2a_experimental``, leaves B's output split on N and trades it for the sequence shard with one
+all-to-all). A duplicated base (``base_linear_is_parallel=False``: TELinear, a ModelOpt linear, a
+MoE router) gets plain ``nn.Linear`` factors.
+
+``sequence_parallel_input_regather``: the column case lets ``linear_in`` gather its
+sequence-parallel input itself (megatron's sequence-parallel linear), which keeps only the local
+shard for backward and gathers it again there: the gathered input is not held between forward and
+backward.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable
+import inspect
+import logging
 
 import torch
 from torch import nn
 
-__all__ = ["INIT_METHODS", "ParallelLinearAdapter", "get_init_fn"]
+from bridge.peft.adapter_init import check_adapter_hparams, get_init_fn
+from bridge.peft.errors import PEFTConfigError, UnsupportedModuleError
+from bridge.peft.tp import acc, all2all_hp2sp, default_tp_group, group_size
 
-INIT_METHODS = ("xavier", "normal", "kaiming", "zero")
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda t: t,
-    "swish": nn.functional.silu,
-    "silu": nn.functional.silu,
-    "relu": nn.functional.relu,
-    "gelu": nn.functional.gelu,
+logger = logging.getLogger(__name__)
+
+__all__ = ["ACTIVATIONS", "ParallelLinearAdapter"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU,
+    "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
 }
 
 
-def get_init_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The in-place initialiser for ``name`` in ``xavier|normal|kaiming|zero``."""
-    if name == "xavier":
-        return nn.init.xavier_normal_
-    if name == "normal":
-        return lambda w: nn.init.normal_(w, mean=0.0, std=0.2)
-    if name == "kaiming":
-        return lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    if name == "zero":
-        return nn.init.zeros_
-    raise ValueError(f"unknown init method {name!r}; expected one of {', '.join(INIT_METHODS)}")
-
-
-def check_adapter_hparams(dim: int, alpha: float | None, dropout: float, dropout_position: str,
-                          init_methods: tuple[str, ...] = ()) -> None:
-    """The checks every adapter shares: each a ValueError naming the value and the allowed ones."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"dim (the LoRA rank) must be a positive int, got {dim!r}")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha must be > 0 (or None for a scale of 1), got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if dropout_position not in ("pre", "post"):
-        raise ValueError(f"unknown dropout_position {dropout_position!r}; expected 'pre' or 'post'")
-    for name in init_methods:
-        get_init_fn(name)
-
-
-def check_lora_dtype(lora_dtype) -> None:
-    """None or a floating torch.dtype, else a TypeError naming the value."""
-    if lora_dtype is not None and not (isinstance(lora_dtype, torch.dtype)
-                                       and lora_dtype.is_floating_point):
-        raise TypeError(
-            f"lora_dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), "
-            f"got {lora_dtype!r}"
-        )
+def _tp_group_from(tp_group, pg_collection, config, is_expert: bool):
+    """The adapter's TP group: the explicit one, else the collection's (``tp``, or ``expt_tp``
+    for experts), else the config's collection, else megatron's default group."""
+    if tp_group is not None:
+        return tp_group
+    names = ("expt_tp", "etp") if is_expert else ("tp",)
+    for owner in (pg_collection, getattr(config, "pg_collection", None),
+                  getattr(config, "_pg_collection", None)):
+        for name in names:
+            group = getattr(owner, name, None) if owner is not None else None
+            if group is not None:
+                return group
+    return default_tp_group(is_expert)
 
 
 class ParallelLinearAdapter(nn.Module):
@@ -72,17 +59,26 @@ class ParallelLinearAdapter(nn.Module):
 
     Args:
         in_features, out_features: the base linear's full (unpartitioned) sizes K and N.
-        dim: the rank r. alpha: scale = alpha / dim (None: scale 1).
-        base_linear_name: the wrapped module's full name (for messages and MoE detection).
-        activation: 'identity' for LoRA.
-        column_init_method, row_init_method: init of A (linear_in) and B (linear_out).
+        dim: the rank r. base_linear_name: the wrapped module's full name.
+        activation: 'identity' for LoRA (also relu, gelu, swish/silu, tanh, sigmoid).
+        column_init_method, row_init_method: init of A (linear_in) and B (linear_out):
+            'xavier' | 'normal' | 'kaiming' | 'uniform' | 'zero'.
         input_is_parallel: the base is row-parallel (x arrives split on K).
         dropout, dropout_position: 'pre' (on x) or 'post' (on the adapter output).
         model_parallel_config: the base's megatron config (TP size, sequence parallel, dtype).
+        alpha: scale = alpha / dim (None: alpha = dim, a scale of 1).
+        a2a_experimental: row case with sequence parallelism: one all-to-all instead of a gather
+            and a scatter.
+        is_expert: MoE expert linear (not supported yet: a clear error).
+        disable_tensor_parallel_comm: the base does no TP communication itself (shared experts
+            with overlap); supported at TP size 1 only.
         disable_sequence_parallel_comm: skip the sequence gather/scatter (the base already
             returns a gathered layernorm output).
         base_linear_is_parallel: False for a duplicated (non-TP) base: plain nn.Linear factors.
+        pg_collection: a megatron ProcessGroupCollection; its ``tp`` group is the adapter's.
+        sequence_parallel_input_regather: see the module docstring.
         params_dtype: dtype of A and B (default: the config's params_dtype, else float32).
+        tp_group: the base's TP group (wins over ``pg_collection``).
     """
 
     def __init__(
@@ -98,95 +94,112 @@ class ParallelLinearAdapter(nn.Module):
         dropout: float = 0.0,
         model_parallel_config=None,
         alpha: float | None = None,
-        dropout_position: str = "post",
+        dropout_position: str = "pre",
         a2a_experimental: bool = False,
         is_expert: bool = False,
+        disable_tensor_parallel_comm: bool = False,
         disable_sequence_parallel_comm: bool = True,
-        dropout_recompute: bool = False,
         base_linear_is_parallel: bool = True,
+        pg_collection=None,
+        sequence_parallel_input_regather: bool = False,
+        *,
         params_dtype: torch.dtype | None = None,
-        **kwargs,
+        tp_group=None,
+        dropout_recompute: bool = False,
     ) -> None:
         super().__init__()
         check_adapter_hparams(dim, alpha, dropout, dropout_position,
                               (column_init_method, row_init_method))
         if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}"
-            )
-        if a2a_experimental:
-            raise NotImplementedError("a2a_experimental (all-to-all expert adapters) is not supported")
+            raise PEFTConfigError(
+                f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         if is_expert:
-            raise NotImplementedError(
+            raise UnsupportedModuleError(
                 f"LoRA on MoE expert linear {base_linear_name!r} is not supported yet; "
-                "leave it out with LoRA(exclude_modules=[...]) or target_modules"
-            )
-        if kwargs:
-            raise TypeError(f"ParallelLinearAdapter got unexpected arguments: {sorted(kwargs)}")
+                "leave it out with LoRA(exclude_modules=[...]) or target_modules")
+        config = model_parallel_config
         self.base_linear_name = base_linear_name
         self.activation_name = activation
-        self.activation = ACTIVATIONS[activation]
+        self.activation = ACTIVATIONS[activation]()
         self.dim = dim
         self.alpha = alpha if alpha is not None else dim
         self.input_is_parallel = input_is_parallel
         self.dropout_position = dropout_position
         self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_recompute = dropout_recompute
+        self.use_a2a = a2a_experimental
         self.is_expert = is_expert
-        self.disable_sequence_parallel_comm = disable_sequence_parallel_comm
+        self.disable_tensor_parallel_comm = disable_tensor_parallel_comm
         self.base_linear_is_parallel = base_linear_is_parallel
+        self.sequence_parallel_input_regather = sequence_parallel_input_regather
+        self._regather_fallback_logged = False
         self.in_features, self.out_features = in_features, out_features
-
-        config = model_parallel_config
+        self.config = config
+        self.pg_collection = pg_collection
+        self.tp_group = _tp_group_from(tp_group, pg_collection, config, is_expert)
+        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        # SP communication happens only for a parallel base with SP on (Megatron-Bridge's rule).
+        self.disable_sequence_parallel_comm = (disable_sequence_parallel_comm
+                                               or not self.sequence_parallel
+                                               or not base_linear_is_parallel)
         # B of a gated fc1 adapter holds [gate; up] rows per rank, like the base: checkpoints
         # store it as megatron stores the base (swiglu factory), so it reshards across TP sizes.
         self.swiglu_output = (bool(getattr(config, "gated_linear_unit", False))
                               and base_linear_name.rsplit(".", 1)[-1] == "linear_fc1"
                               and not input_is_parallel)
-        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         dtype = params_dtype or getattr(config, "params_dtype", None) or torch.float32
         a_init, b_init = get_init_fn(column_init_method), get_init_fn(row_init_method)
         if not base_linear_is_parallel or config is None:
-            self.linear_in = nn.Linear(in_features, dim, bias=False, dtype=dtype)
-            self.linear_out = nn.Linear(dim, out_features, bias=False, dtype=dtype)
-            with torch.no_grad():
-                a_init(self.linear_in.weight)
-                b_init(self.linear_out.weight)
-            self._megatron = False
-            if not base_linear_is_parallel and self.sequence_parallel:
-                # A duplicated base sees this rank's sequence shard: megatron all-reduces over TP
-                # the grads of parameters marked like this (as it marks the base's own weight).
-                for p in (self.linear_in.weight, self.linear_out.weight):
-                    p.sequence_parallel = True
-            self.sequence_parallel = self.sequence_parallel and base_linear_is_parallel
+            self._build_plain(dtype, a_init, b_init)
             return
+        if disable_tensor_parallel_comm and group_size(self.tp_group) > 1:
+            raise UnsupportedModuleError(
+                f"{base_linear_name!r}: its base does no tensor-parallel communication itself "
+                "(parallel_mode=None / explicit_expert_comm, e.g. MoE shared experts with overlap);"
+                " LoRA on it is supported at tensor-parallel size 1 only")
+        self._build_megatron(config, dtype, a_init, b_init)
 
+    def _build_plain(self, dtype, a_init, b_init) -> None:
+        self.linear_in = nn.Linear(self.in_features, self.dim, bias=False, dtype=dtype)
+        self.linear_out = nn.Linear(self.dim, self.out_features, bias=False, dtype=dtype)
+        with torch.no_grad():
+            a_init(self.linear_in.weight)
+            b_init(self.linear_out.weight)
+        self._megatron = False
+        if not self.base_linear_is_parallel and self.sequence_parallel:
+            # A duplicated base sees this rank's sequence shard: megatron all-reduces over TP
+            # the grads of parameters marked like this (as it marks the base's own weight).
+            for p in (self.linear_in.weight, self.linear_out.weight):
+                p.sequence_parallel = True
+        self.sequence_parallel = self.sequence_parallel and self.base_linear_is_parallel
+
+    def _build_megatron(self, config, dtype, a_init, b_init) -> None:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        # The adapter's own linears never do sequence-parallel communication: the gather/scatter
-        # happens here, once, around them.
+        # The adapter's own linears do no sequence-parallel communication: the gather/scatter
+        # happens here, once, around them (the caller's config is copied, never modified).
         cfg = copy.copy(config)
         cfg.sequence_parallel = False
         cfg.params_dtype = dtype
+        cfg.perform_initialization = True
         if not torch.cuda.is_available():
             cfg.use_cpu_initialization = True
-        if input_is_parallel:
-            self.linear_in = RowParallelLinear(
-                in_features, dim, config=cfg, init_method=a_init, bias=False,
-                input_is_parallel=True, skip_bias_add=True,
-            )
+        common = dict(config=cfg, bias=False, tp_group=self.tp_group)
+        if self.input_is_parallel:
+            self.linear_in = RowParallelLinear(self.in_features, self.dim, init_method=a_init,
+                                               input_is_parallel=True, skip_bias_add=True,
+                                               **common)
         else:
             # With sequence parallelism x arrives through the sequence gather in forward, whose
             # backward reduce-scatter already sums dx over the TP ranks: no all-reduce here too.
             self.linear_in = ColumnParallelLinear(
-                in_features, dim, config=cfg, init_method=a_init, bias=False, gather_output=True,
-                disable_grad_reduce=self.sequence_parallel,
-            )
+                self.in_features, self.dim, init_method=a_init, gather_output=True,
+                disable_grad_reduce=self.sequence_parallel, **common)
+        a2a = self.use_a2a and self.input_is_parallel and not self.disable_sequence_parallel_comm
         self.linear_out = ColumnParallelLinear(
-            dim, out_features, config=cfg, init_method=b_init, bias=False,
-            gather_output=input_is_parallel,
-        )
+            self.dim, self.out_features, init_method=b_init,
+            gather_output=self.input_is_parallel and not a2a, **common)
         self._megatron = True
 
     @property
@@ -198,43 +211,130 @@ class ParallelLinearAdapter(nn.Module):
         out = layer(x)
         return out[0] if isinstance(out, tuple) else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: the base's input (or layernorm output) [..., K or K/tp]; returns [..., N or N/tp]."""
-        if self.dropout is not None and self.dropout_position == "pre":
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """x: the base's input (or layernorm output) [..., K or K/tp]; returns [..., N or N/tp].
+        Extra arguments (the base's call arguments) are ignored."""
+        del args, kwargs
+        if self.dropout_position == "pre":
             x = self.dropout(x)
         x = self.lora_output(x)
-        if self.dropout is not None and self.dropout_position == "post":
+        if self.dropout_position == "post":
             x = self.dropout(x)
         return x
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B(act(A(x))) without dropout, with the sequence-parallel gather/scatter."""
-        if self._megatron and not self.disable_sequence_parallel_comm and not self.input_is_parallel:
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+        """s · B(act(A(x))) without dropout, with the sequence-parallel communication."""
+        x = x.to(self.linear_in.weight.dtype)
+        regather = self._use_regather()
+        if self._megatron and not self.input_is_parallel:
+            self.linear_in.sequence_parallel = regather  # megatron's SP linear gathers itself
+            if not regather and not self.disable_sequence_parallel_comm:
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            x = gather_from_sequence_parallel_region(x)
-        x = self._linear(self.linear_in, x.to(self.linear_in.weight.dtype))
+                x = gather_from_sequence_parallel_region(x, group=self.tp_group)
+        x = self._linear(self.linear_in, x)
         # Everything after the activation is linear, so the scale goes on the [..., r]
         # intermediate instead of the [..., N] output: one pass over the output fewer.
         x = self._linear(self.linear_out, self.activation(x) * self.scale)
-        if self._megatron and self.sequence_parallel and self.input_is_parallel:
-            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+        if self._megatron and self.input_is_parallel and not self.disable_sequence_parallel_comm:
+            if self.use_a2a:  # B's output is split on N: trade it for the sequence shard
+                x = all2all_hp2sp(x, self.tp_group)
+            else:
+                from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
-            x = scatter_to_sequence_parallel_region(x)
+                x = scatter_to_sequence_parallel_region(x, group=self.tp_group)
         return x
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        """linear_in's and linear_out's sharded tensors (replicated for plain nn.Linear)."""
+    def _use_regather(self) -> bool:
+        """Whether this forward lets linear_in gather (and re-gather in backward) its input."""
+        if not self.sequence_parallel_input_regather or not self._megatron:
+            return False
+        if not self.training or not torch.is_grad_enabled():
+            return False
+        from megatron.core.tensor_parallel.random import is_checkpointing
+
+        reason = None
+        cfg = self.config
+        if is_checkpointing() or getattr(cfg, "recompute_granularity", None) == "full":
+            reason = "activation recompute already re-runs the adapter"
+        elif self.input_is_parallel:
+            reason = "the adapter is row-parallel"
+        elif self.disable_sequence_parallel_comm:
+            reason = "no sequence-parallel communication (SP off, or the base gathers it)"
+        elif group_size(self.tp_group) <= 1:
+            reason = "tensor-parallel size is 1"
+        elif not self.linear_in.weight.requires_grad:
+            reason = "linear_in is frozen"
+        elif getattr(cfg, "cpu_offloading", False) and getattr(cfg, "cpu_offloading_activations",
+                                                                False):
+            reason = "CPU activation offloading is on"
+        if reason is not None:
+            if not self._regather_fallback_logged:
+                logger.debug("sequence_parallel_input_regather off for %s: %s",
+                             self.base_linear_name, reason)
+                self._regather_fallback_logged = True
+            return False
+        return True
+
+    def delta_weight(self) -> torch.Tensor:
+        """This rank's shard of s · B @ A (fp32, detached): [N/tp, K] beside a column-parallel
+        base, [N, K/tp] beside a row-parallel one, [N, K] otherwise."""
+        from bridge.peft.lora_merge import LoRAMerge
+
+        if self.activation_name != "identity":
+            raise NotImplementedError(
+                f"adapter of {self.base_linear_name!r} has activation {self.activation_name!r}; "
+                "only a linear (identity) adapter has a weight delta")
+        with torch.no_grad():
+            gather = None
+            if self._megatron:
+                gather = "linear_out" if self.input_is_parallel else "linear_in"
+            return LoRAMerge.delta(acc(self.linear_out.weight), acc(self.linear_in.weight),
+                                   self.scale, gather=gather,
+                                   tp_group=self.tp_group if self._megatron else None)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None,
+                           mamba_dim_info: dict | None = None) -> dict:
+        """linear_in's and linear_out's sharded tensors (replicated for plain nn.Linear); B of a
+        gated fc1 split per swiglu half, B of a Mamba in_proj per z/x/B/C/dt block."""
         from bridge.peft.adapter_wrapper import _module_sharded_state_dict
 
         out = {}
         for name in ("linear_in", "linear_out"):
             out.update(_module_sharded_state_dict(getattr(self, name), f"{prefix}{name}.",
                                                   sharded_offsets, metadata))
+        key = f"{prefix}linear_out.weight"
         if self._megatron and self.swiglu_output:
-            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-            key = f"{prefix}linear_out.weight"
-            out[key] = apply_swiglu_sharded_factory(
-                out[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
+            out[key] = swiglu_factory(out[key], sharded_offsets, metadata, self.tp_group)
+        if mamba_dim_info is not None and self._megatron:
+            out[key] = mamba_in_proj_factory(out[key], mamba_dim_info)
         return out
+
+
+def swiglu_factory(sh_ten, sharded_offsets, metadata, tp_group):
+    """megatron's ``apply_swiglu_sharded_factory`` with the TP/DP groups where its signature
+    takes them (newer megatron-core, needed under FSDP2)."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    params = inspect.signature(apply_swiglu_sharded_factory).parameters
+    kwargs = {}
+    if "singleton_local_shards" in params:
+        kwargs["singleton_local_shards"] = (metadata or {}).get("singleton_local_shards", False)
+    if "tp_group" in params:
+        kwargs["tp_group"] = tp_group
+    if "dp_group" in params:
+        kwargs["dp_group"] = (metadata or {}).get("dp_cp_group")
+    return apply_swiglu_sharded_factory(sh_ten, sharded_offsets, **kwargs)
+
+
+def mamba_in_proj_factory(sh_ten, info: dict):
+    """Split a Mamba in_proj adapter's B ([z; x; B; C; dt] rows per rank) into its five blocks,
+    as megatron's MambaMixer saves in_proj, so the checkpoint reshards across TP sizes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.ssm.mamba_mixer import _split_tensor_factory
+
+    d, g, s, h = (info["d_inner_local_tp"], info["ngroups_local_tp"], info["d_state"],
+                  info["nheads_local_tp"])
+    if not isinstance(sh_ten, ShardedTensor) or sh_ten.data.shape[0] != 2 * d + 2 * g * s + h:
+        return sh_ten
+    return _split_tensor_factory(sh_ten, [d, d, g * s, g * s, h], ["z", "x", "B", "C", "dt"], 0)

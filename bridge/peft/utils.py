@@ -1,24 +1,48 @@
-"""Helpers of Megatron-Bridge's ``peft.utils``: name matching and base-linear introspection.
+"""Megatron-Bridge's ``peft.utils``: name matching and base-linear introspection.
 
-``ParallelLinearAdapter`` lives in its own module and is re-exported here for import
-compatibility (``from bridge.peft.utils import ParallelLinearAdapter``).
+The rest of upstream's ``utils`` lives in modules of its own and is re-exported here for import
+compatibility: ``ParallelLinearAdapter`` (``parallel_linear_adapter``), the init methods
+(``adapter_init``), the sequence helpers (``tp``), ``create_peft`` / ``create_peft_hook`` /
+``load_peft_adapter_checkpoint`` (``factory``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from functools import lru_cache
+from dataclasses import dataclass
 
 from torch import nn
 
+from bridge.peft.adapter_init import (
+    init_method_const,
+    init_method_kaiming_uniform,
+    init_method_normal,
+)
+from bridge.peft.adapter_io import load_peft_adapter_checkpoint
+from bridge.peft.errors import UnsupportedModuleError
+from bridge.peft.factory import create_peft, create_peft_hook
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
+from bridge.peft.tp import all2all_hp2sp, group_size, pad_seq_to_mult, unpad_seq_to_mult
 
 __all__ = [
+    "AdapterAttributes",
     "ParallelLinearAdapter",
+    "all2all_hp2sp",
+    "create_peft",
+    "create_peft_hook",
     "get_adapter_attributes_from_linear",
+    "init_method_const",
+    "init_method_kaiming_uniform",
+    "init_method_normal",
     "is_expert_linear",
+    "is_grouped_expert_linear",
+    "is_modelopt_linear",
     "is_te_module",
+    "load_peft_adapter_checkpoint",
+    "pad_seq_to_mult",
     "te_parallel_mode",
+    "unpad_seq_to_mult",
     "wildcard_match",
 ]
 
@@ -29,22 +53,71 @@ TE_ROW = ("TERowParallelLinear", "TERowParallelGroupedLinear")
 TE_LINEAR = ("TELinear", "Linear")
 
 
-@lru_cache(maxsize=256)
+@dataclass(frozen=True)
+class AdapterAttributes:
+    """What an adapter needs to know about its base linear (full, unpartitioned sizes)."""
+
+    input_is_parallel: bool
+    in_features: int
+    out_features: int
+    disable_tensor_parallel_comm: bool
+    disable_sequence_parallel_comm: bool
+    base_linear_is_parallel: bool
+
+
+@functools.lru_cache(maxsize=256)
 def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$")
 
 
-def wildcard_match(pattern: str, key: str | None) -> bool:
-    """Whether ``key`` matches ``pattern``; only ``*`` is special (any run of characters, dots
-    included); every other character, ``.`` too, is literal."""
+def wildcard_match(pattern: str, key: str | None) -> bool | None:
+    """Whether ``key`` matches ``pattern`` (None when ``key`` is None, as upstream); only ``*`` is
+    special (any run of characters, dots included); every other character, ``.`` too, is
+    literal (upstream reads the pattern as a regex, so its ``.`` matches any character)."""
     if key is None:
-        return False
+        return None
     return _pattern_regex(pattern).match(key) is not None
 
 
 def is_expert_linear(fqn: str | None) -> bool:
-    """Whether a module's full name is an MoE expert linear (``...mlp.experts...linear_fc1/2``)."""
-    return fqn is not None and re.match(r".*mlp\..*experts.*\.linear_fc[1-2]$", fqn) is not None
+    """Whether a module's full name is an MoE expert linear (``...mlp.experts...linear_fc1/2``;
+    shared experts are not)."""
+    return (fqn is not None and re.match(r".*mlp\..*experts.*\.linear_fc[1-2]$", fqn) is not None
+            and ".shared_experts." not in fqn)
+
+
+def is_grouped_expert_linear(fqn: str | None) -> bool:
+    """An expert linear of a grouped-GEMM expert layer (not under ``.local_experts.``)."""
+    return is_expert_linear(fqn) and ".local_experts." not in str(fqn)
+
+
+@functools.lru_cache(maxsize=1)
+def _modelopt_linear() -> tuple[type | None, str]:
+    try:
+        from megatron.core.post_training.modelopt.layers import Linear
+    except Exception as exc:  # ImportError, or modelopt/TE missing underneath
+        return None, f"{type(exc).__name__}: {exc}"
+    return Linear, ""
+
+
+def is_modelopt_linear(m: nn.Module) -> bool:
+    """Whether ``m`` is ModelOpt's local Megatron ``Linear`` (a quantisable ``nn.Linear``).
+
+    Raises:
+        UnsupportedModuleError: ``m`` comes from a ModelOpt module but megatron-core's ModelOpt
+            layers cannot be imported here (the message names the class and why).
+    """
+    cls, why = _modelopt_linear()
+    if cls is not None:
+        return isinstance(m, cls)
+    origin = next((c for c in type(m).__mro__ if c.__module__.startswith(
+        ("megatron.core.post_training.modelopt", "modelopt."))), None)
+    if origin is not None:
+        raise UnsupportedModuleError(
+            f"{type(m).__module__}.{type(m).__qualname__} is a ModelOpt linear, but "
+            f"megatron.core.post_training.modelopt.layers cannot be imported ({why}); install "
+            "nvidia-modelopt (and transformer-engine) to add LoRA to a ModelOpt model")
+    return False
 
 
 def _class_names(m: nn.Module) -> set[str]:
@@ -72,8 +145,18 @@ def te_parallel_mode(m: nn.Module) -> str | None:
     return "duplicated"
 
 
+def is_router(m: nn.Module) -> bool:
+    """A megatron-core MoE ``TopKRouter``."""
+    try:
+        from megatron.core.transformer.moe.router import TopKRouter
+    except ImportError:
+        return False
+    return isinstance(m, TopKRouter)
+
+
 def is_linear_like(m: nn.Module) -> bool:
-    """Whether ``m`` is a linear that LoRA can wrap (a megatron-core, bridge, TE or torch linear)."""
+    """Whether ``m`` is a linear that LoRA can wrap (a megatron-core, bridge, TE or torch linear,
+    or a MoE router)."""
     try:
         get_adapter_attributes_from_linear(m, probe=True)
     except TypeError:
@@ -81,63 +164,103 @@ def is_linear_like(m: nn.Module) -> bool:
     return True
 
 
-def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False, probe: bool = False):
+def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False,
+                                       pg_collection=None,
+                                       sequence_parallel_input_regather: bool = False, *,
+                                       probe: bool = False) -> AdapterAttributes:
     """What an adapter needs to know about the base linear ``m``.
 
-    Args:
-        probe: only classify ``m``; leave its return flags (``return_layernorm_output``) alone.
+    Sets the return flags a norm-fused base needs so the adapter reads the normalised input
+    (``return_layernorm_output``; with sequence parallelism a TE layer returns it gathered unless
+    ``sequence_parallel_input_regather`` asks the adapter to gather it).
 
-    Returns:
-        ``(input_is_parallel, in_features, out_features, disable_sequence_parallel_comm,
-        base_linear_is_parallel)``, with full (unpartitioned) feature sizes.
+    Args:
+        is_expert: an MoE expert linear (its TP size is the expert TP size).
+        pg_collection: the model's process groups (its ``tp``/``expt_tp`` group gives the TP size
+            of a TE base, whose sizes are local).
+        probe: only classify ``m``; leave its return flags alone.
 
     Raises:
-        TypeError: ``m`` is not a linear this package can wrap (the message lists those it can).
+        UnsupportedModuleError: (a NotImplementedError and TypeError) ``m`` is not a linear this
+            package can wrap; the message lists those it can.
     """
     from bridge.layers import LayerNormColumnParallelLinear
 
     config = getattr(m, "config", None)
     sequence_parallel = bool(getattr(config, "sequence_parallel", False))
-    disable_sp_comm = not sequence_parallel
-    base_is_parallel = True
-    tp_size = _tp_size(is_expert) if config is not None else 1
+    disable_sp = not sequence_parallel
+    # MoE shared experts with overlap: the weights are TP-sharded, but the base does no TP
+    # communication itself (TE parallel_mode=None, or explicit_expert_comm).
+    disable_tp = getattr(m, "parallel_mode", "") is None or bool(getattr(m, "explicit_expert_comm",
+                                                                         False))
+    if disable_tp:
+        disable_sp = True
+
+    def attrs(input_is_parallel, k, n, dsp=None, parallel=True, dtp=None):
+        return AdapterAttributes(input_is_parallel, k, n, disable_tp if dtp is None else dtp,
+                                 disable_sp if dsp is None else dsp, parallel)
+
+    if is_modelopt_linear(m):
+        return attrs(False, m.in_features, m.out_features, dsp=True, parallel=False, dtp=False)
+    if is_router(m):
+        return attrs(False, m.weight.shape[1], m.weight.shape[0], dsp=True, parallel=False)
     if isinstance(m, LayerNormColumnParallelLinear):
         if not probe:
             m.return_layernorm_output = True
-        return False, m.input_size, m.output_size, disable_sp_comm, True
+        return attrs(False, m.input_size, m.output_size)
     if is_te_module(m):
-        mode = te_parallel_mode(m)
-        if _class_names(m) & set(TE_LAYERNORM_COLUMN) and not probe:
-            # The adapter reads the normalised input, so the layer must return it.
-            m.return_layernorm_output = True
-            if sequence_parallel and not getattr(m, "ub_overlap_ag", False):
-                # TE gathers the layernorm output itself: no second gather in the adapter.
-                m.return_layernorm_output_gathered = True
-                disable_sp_comm = True
-        if mode == "column":
-            return False, m.in_features, m.out_features * tp_size, disable_sp_comm, True
-        if mode == "row":
-            return True, m.in_features * tp_size, m.out_features, disable_sp_comm, True
-        return False, m.in_features, m.out_features, True, False
+        return _te_attributes(m, attrs, sequence_parallel, is_expert, pg_collection,
+                              sequence_parallel_input_regather, probe)
     try:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     except ImportError:  # megatron-core is optional: plain nn.Linear still works
         ColumnParallelLinear = RowParallelLinear = ()  # noqa: N806
     if ColumnParallelLinear and isinstance(m, ColumnParallelLinear):
-        return False, m.input_size, m.output_size, disable_sp_comm, base_is_parallel
+        return attrs(False, m.input_size, m.output_size)
     if RowParallelLinear and isinstance(m, RowParallelLinear):
-        return True, m.input_size, m.output_size, disable_sp_comm, base_is_parallel
+        return attrs(True, m.input_size, m.output_size)
     if isinstance(m, nn.Linear):
-        return False, m.in_features, m.out_features, True, False
-    raise TypeError(
-        f"layer type {type(m).__name__} is not supported for LoRA; expected megatron-core "
-        "ColumnParallelLinear/RowParallelLinear, bridge.layers.LayerNormColumnParallelLinear, a "
-        "transformer-engine linear (TELinear, TEColumnParallelLinear, TERowParallelLinear, "
+        return attrs(False, m.in_features, m.out_features, dsp=True, parallel=False, dtp=False)
+    raise UnsupportedModuleError(
+        f"Layer type is unrecognized for LoRA: {type(m).__module__}.{type(m).__qualname__}; "
+        "expected megatron-core ColumnParallelLinear/RowParallelLinear, a MoE TopKRouter, "
+        "bridge.layers.LayerNormColumnParallelLinear, a ModelOpt Linear, a transformer-engine "
+        "linear (TELinear, TEColumnParallelLinear, TERowParallelLinear, "
         "TELayerNormColumnParallelLinear) or torch.nn.Linear"
     )
 
 
-def _tp_size(is_expert: bool) -> int:
+def _te_attributes(m, attrs, sequence_parallel, is_expert, pg_collection, regather, probe):
+    tp_size = _tp_size(is_expert, m, pg_collection) if getattr(m, "config", None) is not None \
+        else 1
+    mode = te_parallel_mode(m)
+    dsp = None
+    if _class_names(m) & set(TE_LAYERNORM_COLUMN) and not probe:
+        # The adapter reads the normalised input, so the layer must return it.
+        m.return_layernorm_output = True
+        overlap = getattr(m, "ub_overlap_ag", getattr(m, "ub_overlap_ag_fprop", False))
+        if sequence_parallel and not overlap:
+            # TE gathers the layernorm output itself: no second gather in the adapter, unless
+            # the adapter is to own the gather (and re-gather in backward).
+            m.return_layernorm_output_gathered = not regather
+            config = m.config
+            if not regather and (not getattr(config, "tp_comm_overlap", False)
+                                 or getattr(config, "tp_comm_overlap_disable_qkv", False)):
+                dsp = True
+    if mode == "column":
+        return attrs(False, m.in_features, m.out_features * tp_size, dsp=dsp)
+    if mode == "row":
+        return attrs(True, m.in_features * tp_size, m.out_features, dsp=dsp)
+    return attrs(False, m.in_features, m.out_features, dsp=True, parallel=False)
+
+
+def _tp_size(is_expert: bool, m: nn.Module | None = None, pg_collection=None) -> int:
+    """The (expert) TP size of a base: its own group, the collection's, else megatron's."""
+    for owner in (m, pg_collection):
+        for name in (("expt_tp", "etp") if is_expert else ("tp",)) + ("tp_group", "_tp_group"):
+            group = getattr(owner, name, None) if owner is not None else None
+            if group is not None and not isinstance(group, int):
+                return group_size(group)
     try:
         from megatron.core import parallel_state
     except ImportError:
