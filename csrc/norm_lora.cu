@@ -75,6 +75,19 @@ __device__ __forceinline__ void block_allreduce(float (&v)[N], float* red) {
   }
 }
 
+// Keep bits of the V elements (row, col .. col + V - 1), col a multiple of V: V / 4 Philox calls.
+template <int V>
+__device__ __forceinline__ uint32_t keep_bits_vec(uint64_t seed, int64_t row, int col, int n_cols,
+                                                  float p) {
+  static_assert(V % 4 == 0 && V <= 32, "a vector holds whole groups of four elements");
+  uint32_t keep = 0u;
+#pragma unroll
+  for (int q = 0; q < V / 4; ++q) {
+    keep |= keep_bits4(seed, dropout_group(row, col + 4 * q, n_cols), p) << (4 * q);
+  }
+  return keep;
+}
+
 // The normalized value; one function so that forward and backward round ln identically.
 __device__ __forceinline__ float norm_apply(float xv, float mu, float rs, float g, float b) {
   return (xv - mu) * rs * g + b;
@@ -148,9 +161,9 @@ __global__ void __launch_bounds__(kMaxThreads) norm_lora_row_fwd_kernel(
       for (int e = 0; e < V; ++e) y[e] = static_cast<float>(static_cast<T>(norm_apply(f[e], mu, rs, g[e] + gamma_shift, b[e])));
       store_vec(ln + m * K + v * V, y);
       if (p > 0.f) {
-        const uint32_t off0 = static_cast<uint32_t>(static_cast<uint64_t>(m * K + v * V));
+        const uint32_t keep = keep_bits_vec<V>(seed, m, v * V, K, p);
 #pragma unroll
-        for (int e = 0; e < V; ++e) y[e] = dropout_keep(seed, off0 + e, p) ? y[e] : 0.f;
+        for (int e = 0; e < V; ++e) y[e] = (keep >> e) & 1u ? y[e] : 0.f;
       }
       store_vec(buf + v * V, y);  // each thread rewrites only the vectors it read
     }
@@ -316,14 +329,14 @@ __global__ void __launch_bounds__(kColWarps * 32, 1) norm_lora_col_bwd_kernel(
     float dsr[kRTile];
 #pragma unroll
     for (int j = 0; j < kRTile; ++j) dsr[j] = r0 + j < R ? ds[m * R + r0 + j] : 0.f;
-    const uint32_t off0 = static_cast<uint32_t>(static_cast<uint64_t>(o));
+    const uint32_t keep = p > 0.f ? keep_bits_vec<V>(seed, m, col, K, p) : 0xffffffffu;
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const float xhat = (f[e] - mu) * rs;
       dg[e] += d[e] * xhat;
       db[e] += d[e];
       float l = static_cast<float>(static_cast<T>(norm_apply(f[e], mu, rs, g[e] + gamma_shift, b[e])));
-      if (p > 0.f && !dropout_keep(seed, off0 + e, p)) l = 0.f;
+      if (!((keep >> e) & 1u)) l = 0.f;
 #pragma unroll
       for (int j = 0; j < kRTile; ++j) da[j][e] += dsr[j] * l;
     }
@@ -351,6 +364,22 @@ __global__ void philox_uniform_kernel(const int64_t* __restrict__ seed_ptr,
   if (i < n) {
     out[i] = philox_uniform(static_cast<uint64_t>(*seed_ptr),
                             static_cast<uint32_t>(static_cast<uint64_t>(offsets[i])));
+  }
+}
+
+// One thread per group of four elements of the [rows, cols] keep mask (one Philox call each).
+__global__ void philox_keep_mask_kernel(const int64_t* __restrict__ seed_ptr,
+                                        bool* __restrict__ out, int64_t rows, int64_t cols,
+                                        float p) {
+  const int64_t groups = (cols + 3) / 4;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * groups) return;
+  const int64_t row = i / groups, col0 = (i % groups) * 4;
+  const uint32_t bits =
+      keep_bits4(static_cast<uint64_t>(*seed_ptr), dropout_group(row, col0, cols), p);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (col0 + j < cols) out[row * cols + col0 + j] = (bits >> j) & 1u;
   }
 }
 
@@ -505,10 +534,26 @@ at::Tensor philox_uniform_cuda(const at::Tensor& seed, const at::Tensor& offsets
   return out;
 }
 
+at::Tensor philox_keep_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK(seed.numel() == 1, "philox_keep_mask: seed must have one element");
+  TORCH_CHECK(rows >= 0 && cols >= 0, "philox_keep_mask: rows and cols must be >= 0");
+  const c10::cuda::CUDAGuard guard(seed.device());
+  const at::Tensor seed_t = seed.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kBool));
+  const int64_t n = rows * ((cols + 3) / 4);
+  if (n > 0) {
+    philox_keep_mask_kernel<<<(n + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        seed_t.data_ptr<int64_t>(), out.data_ptr<bool>(), rows, cols, static_cast<float>(p));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace bridge
 
 TORCH_LIBRARY_IMPL(bridge, CUDA, m) {
+  m.impl("philox_keep_mask", &bridge::philox_keep_mask_cuda);
   m.impl("philox_uniform", &bridge::philox_uniform_cuda);
   m.impl("norm_lora_row_fwd_cuda", &bridge::norm_lora_row_fwd_cuda);
   m.impl("norm_lora_row_bwd_cuda", &bridge::norm_lora_row_bwd_cuda);

@@ -3,6 +3,8 @@
 //
 // Ops (x is the 2-D [M, K] view of the norm input, r = lora_a.size(0)):
 //   philox_uniform(seed, offsets) -> u           tl.rand(seed, offsets) bit for bit (CPU and CUDA)
+//   philox_keep_mask(seed, rows, cols, p) -> keep  the dropout keep mask [rows, cols] bool of the
+//                                                  convention in philox.cuh (CPU and CUDA)
 //   norm_lora_row_fwd_cuda(x, norm_weight, norm_bias?, lora_a, seed, eps, dropout, rms,
 //                          zero_centered_gamma) -> (ln [M,K] x.dtype, mean [M] f32, rstd [M] f32,
 //                                                   s [M,r] f32 = keep(ln) A^T / (1-p))
@@ -33,6 +35,27 @@ at::Tensor philox_uniform_cpu(const at::Tensor& seed, const at::Tensor& offsets)
     u[i] = philox_uniform(s, static_cast<uint32_t>(static_cast<uint64_t>(o[i])));
   }
   return out;
+}
+
+at::Tensor philox_keep_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK(seed.numel() == 1, "philox_keep_mask: seed must have one element");
+  TORCH_CHECK(rows >= 0 && cols >= 0, "philox_keep_mask: rows and cols must be >= 0");
+  const uint64_t s = static_cast<uint64_t>(seed.to(at::kLong).item<int64_t>());
+  at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kBool));
+  bool* keep = out.data_ptr<bool>();
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t col0 = 0; col0 < cols; col0 += 4) {
+      const uint32_t bits = keep_bits4(s, dropout_group(row, col0, cols), static_cast<float>(p));
+      for (int64_t j = 0; j < 4 && col0 + j < cols; ++j) {
+        keep[row * cols + col0 + j] = (bits >> j) & 1u;
+      }
+    }
+  }
+  return out;
+}
+
+at::Tensor philox_keep_mask_meta(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  return at::empty({rows, cols}, seed.options().dtype(at::kBool));
 }
 
 at::Tensor philox_uniform_meta(const at::Tensor& seed, const at::Tensor& offsets) {
@@ -67,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_lora_row_bwd_met
 
 TORCH_LIBRARY_FRAGMENT(bridge, m) {
   m.def("philox_uniform(Tensor seed, Tensor offsets) -> Tensor");
+  m.def("philox_keep_mask(Tensor seed, int rows, int cols, float p) -> Tensor");
   m.def(
       "norm_lora_row_fwd_cuda(Tensor x, Tensor norm_weight, Tensor? norm_bias, Tensor lora_a, "
       "Tensor seed, float eps, float dropout, bool rms, bool zero_centered_gamma) "
@@ -77,10 +101,14 @@ TORCH_LIBRARY_FRAGMENT(bridge, m) {
       "bool rms, bool zero_centered_gamma) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(bridge, CPU, m) { m.impl("philox_uniform", &bridge::philox_uniform_cpu); }
+TORCH_LIBRARY_IMPL(bridge, CPU, m) {
+  m.impl("philox_uniform", &bridge::philox_uniform_cpu);
+  m.impl("philox_keep_mask", &bridge::philox_keep_mask_cpu);
+}
 
 TORCH_LIBRARY_IMPL(bridge, Meta, m) {
   m.impl("philox_uniform", &bridge::philox_uniform_meta);
+  m.impl("philox_keep_mask", &bridge::philox_keep_mask_meta);
   m.impl("norm_lora_row_fwd_cuda", &bridge::norm_lora_row_fwd_meta);
   m.impl("norm_lora_row_bwd_cuda", &bridge::norm_lora_row_bwd_meta);
 }

@@ -1,13 +1,14 @@
-// Philox-4x32-10 exactly as Triton's `tl.rand(seed, offset)` computes it (triton/language/random.py),
-// so a CUDA kernel and a Triton kernel draw the same dropout mask for the same (seed, element).
+// The dropout RNG of every fused kernel (kernels/philox.py), bit for bit: Philox-4x32-10 exactly as
+// Triton's `tl.randint4x(seed, counter)` computes it (triton/language/random.py).
 //
 //   key     = (seed & 0xffffffff, seed >> 32)
-//   counter = (offset, 0, 0, 0)          offset = uint32(row * n_cols + col)
-//   rounds  = 10; the first output word c0 is the random number
-//   float   = (int32(c0) < 0 ? ~int32(c0) : int32(c0)) * 4.6566127342e-10f   in [0, 1)
-//   keep    = float >= p
+//   counter = (g, 0, 0, 0), rounds = 10, four output words w0..w3
+//   element (row, col) of a [rows, C] tensor: g = uint32(row * ceil(C / 4) + col / 4), word col % 4
+//   uniform = (int32(w) < 0 ? ~int32(w) : int32(w)) * 4.6566127342e-10f   in [0, 1)
+//   keep    = uniform >= p
 //
-// __host__ __device__ so the CPU op bridge::philox_uniform (tests) and the kernels share one code path.
+// One Philox call gives the mask of four neighbouring elements (keep_bits4). __host__ __device__ so
+// the CPU ops (tests) and the CUDA kernels share one code path.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +28,10 @@ constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 // Largest int32 times this rounds to a float below 1.0 (Triton's uint_to_uniform_float).
 constexpr float kUint32ToUniform = 4.6566127342e-10f;
 
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
 BRIDGE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
@@ -35,9 +40,9 @@ BRIDGE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox-4x32-10 for counter (offset, 0, 0, 0) and the key split from seed.
-BRIDGE_HD uint32_t philox_first_word(uint64_t seed, uint32_t offset) {
-  uint32_t c0 = offset, c1 = 0u, c2 = 0u, c3 = 0u;
+// The four output words of Philox-4x32-10 for counter (counter, 0, 0, 0), key split from seed.
+BRIDGE_HD PhiloxWords philox4x32_10(uint64_t seed, uint32_t counter) {
+  uint32_t c0 = counter, c1 = 0u, c2 = 0u, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffull);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDA_ARCH__)
@@ -52,7 +57,7 @@ BRIDGE_HD uint32_t philox_first_word(uint64_t seed, uint32_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  return {{c0, c1, c2, c3}};
 }
 
 // Triton's uint_to_uniform_float for a 32-bit word: read as int32, fold negatives with ~, scale.
@@ -62,14 +67,29 @@ BRIDGE_HD float uint_to_uniform_float(uint32_t word) {
   return static_cast<float>(v) * kUint32ToUniform;
 }
 
-// U[0, 1) for element `offset` of the stream `seed`: tl.rand(seed, offset) bit for bit.
+// U[0, 1) from the first word of counter `offset`: tl.rand(seed, offset) bit for bit.
 BRIDGE_HD float philox_uniform(uint64_t seed, uint32_t offset) {
-  return uint_to_uniform_float(philox_first_word(seed, offset));
+  return uint_to_uniform_float(philox4x32_10(seed, offset).w[0]);
 }
 
-// Whether element `offset` survives dropout with probability p (keep when rand >= p).
-BRIDGE_HD bool dropout_keep(uint64_t seed, uint32_t offset, float p) {
-  return p <= 0.f || philox_uniform(seed, offset) >= p;
+// The Philox counter of the four elements (row, 4q .. 4q + 3) of a [rows, n_cols] tensor, col in
+// that group: row * ceil(n_cols / 4) + col / 4, truncated to 32 bits.
+BRIDGE_HD uint32_t dropout_group(int64_t row, int64_t col, int64_t n_cols) {
+  const uint64_t g = static_cast<uint64_t>(row) * static_cast<uint64_t>((n_cols + 3) / 4) +
+                     static_cast<uint64_t>(col / 4);
+  return static_cast<uint32_t>(g);
+}
+
+// Keep bits of the four elements of group `group` (bit j: element 4q + j kept), one Philox call.
+BRIDGE_HD uint32_t keep_bits4(uint64_t seed, uint32_t group, float p) {
+  if (p <= 0.f) return 0xfu;
+  const PhiloxWords r = philox4x32_10(seed, group);
+  uint32_t bits = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < 4; ++j) bits |= (uint_to_uniform_float(r.w[j]) >= p ? 1u : 0u) << j;
+  return bits;
 }
 
 }  // namespace bridge

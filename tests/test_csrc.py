@@ -1,5 +1,6 @@
 """bridge._C: built wherever it can be, every op's schema registered, fakes propagating shapes,
-and (GPU only) the CUDA row pass against the Triton row pass and the fp64 reference."""
+the C++ Philox (csrc/philox.cuh, through its host ops) equal to the dropout convention bit for
+bit, and (GPU only) the CUDA row pass against the Triton row pass and the fp64 reference."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import sys
 import pytest
 import torch
 from bridge.kernels import _ext
+from bridge.kernels.philox import dropout_keep_mask, philox_keep_mask
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tests.conftest import KERNEL_DEVICE
 from tests.conftest import rel_err as _rel
+from tests.test_philox import M32, SEEDS, philox4x32_10, reference_mask, uniform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-OPS = ("philox_uniform", "norm_lora_row_fwd_cuda", "norm_lora_row_bwd_cuda")
+OPS = ("philox_uniform", "philox_keep_mask", "norm_lora_row_fwd_cuda", "norm_lora_row_bwd_cuda")
 CUDA_OPS = ("norm_lora_row_fwd", "norm_lora_row_bwd")  # _ext.has_op names (without _cuda)
 
 
@@ -86,11 +89,13 @@ def test_fakes_propagate_shapes(device):
             x, ln, None, nw, nb, mean, rstd, s, seed, 0.1, False, False)
         u = torch.ops.bridge.philox_uniform(seed, torch.empty(3, 4, device=device,
                                                              dtype=torch.int32))
+        keep = torch.ops.bridge.philox_keep_mask(seed, 5, 7, 0.1)
     assert (ln.shape, mean.shape, rstd.shape, s.shape) == ((m, k), (m,), (m,), (m, r))
     assert ln.dtype == x.dtype and {mean.dtype, rstd.dtype, s.dtype} == {torch.float32}
     assert (dx.shape, dnw.shape, dnb.shape, da.shape) == ((m, k), (k,), (k,), (r, k))
     assert dx.dtype == x.dtype and da.dtype == torch.float32
     assert u.shape == (3, 4) and u.dtype == torch.float32
+    assert keep.shape == (5, 7) and keep.dtype == torch.bool and keep.device.type == device
     assert ln.device.type == device
 
 
@@ -140,6 +145,47 @@ def _compile_with_ptxas_verbose(tmp_path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The C++ Philox on the host: the code the CUDA kernels run (csrc/philox.cuh is __host__
+# __device__), against the independent Python Philox-4x32-10 of tests/test_philox.py
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cpp_keep_mask_matches_the_reference(seed):
+    # rows of 1, 7, 33 and 130 elements: never a multiple of 4, so each ends in a partial group
+    for rows, cols in [(1, 1), (3, 7), (5, 33), (2, 130)]:
+        ours = torch.ops.bridge.philox_keep_mask(torch.tensor([seed]), rows, cols, 0.3)
+        assert torch.equal(ours, reference_mask(seed, rows, cols, 0.3)), (rows, cols)
+
+
+@needs_ext
+def test_cpp_keep_mask_matches_the_torch_mask_on_a_large_tensor():
+    seed, rows, cols, p = 2**41 + 5, 300, 1021, 0.15
+    ours = torch.ops.bridge.philox_keep_mask(torch.tensor([seed]), rows, cols, p)
+    assert torch.equal(ours, philox_keep_mask(seed, (rows, cols), p, "cpu"))
+    assert torch.ops.bridge.philox_keep_mask(torch.tensor([seed]), rows, cols, 0.0).all()
+
+
+@needs_ext
+def test_cpp_philox_uniform_is_the_first_word():
+    # philox_uniform(seed, offsets) = uniform of word 0 of counter (offset mod 2^32, 0, 0, 0)
+    seed = 2**33 + 5
+    offs = torch.tensor([0, 1, 2**31 - 1, -1, -(2**31), 123456789], dtype=torch.int64)
+    u = torch.ops.bridge.philox_uniform(torch.tensor([seed]), offs)
+    key = (seed & M32, seed >> 32)
+    ref = [uniform(philox4x32_10((int(o) & M32, 0, 0, 0), key)[0]) for o in offs]
+    assert u.tolist() == ref
+
+
+@needs_ext
+def test_cpp_keep_mask_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="seed must have one element"):
+        torch.ops.bridge.philox_keep_mask(torch.tensor([1, 2]), 2, 3, 0.1)
+    with pytest.raises(RuntimeError, match="rows and cols must be >= 0"):
+        torch.ops.bridge.philox_keep_mask(torch.tensor([1]), -1, 3, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU only: the CUDA row pass against the Triton row pass and the fp64 reference
 
 
@@ -153,6 +199,18 @@ def test_cuda_philox_matches_cpu():
     cpu = torch.ops.bridge.philox_uniform(seed, offs)
     gpu_u = torch.ops.bridge.philox_uniform(seed.cuda(), offs.cuda()).cpu()
     assert torch.equal(cpu.view(torch.int32), gpu_u.view(torch.int32))
+
+
+@pytest.mark.gpu
+@gpu
+@needs_ext
+def test_cuda_keep_mask_matches_cpu_and_triton():
+    seed, rows, cols, p = 2**40 + 1, 257, 4099, 0.2
+    cpu = torch.ops.bridge.philox_keep_mask(torch.tensor([seed]), rows, cols, p)
+    cuda = torch.ops.bridge.philox_keep_mask(torch.tensor([seed]).cuda(), rows, cols, p).cpu()
+    assert torch.equal(cpu, cuda)
+    tri = dropout_keep_mask(seed, (rows, cols), p, "cuda", backend="triton").cpu()
+    assert torch.equal(cpu, tri)
 
 
 @pytest.mark.gpu
