@@ -59,9 +59,10 @@ def free_port_file(tmp_dir: str) -> str:
 
 
 # ---- helpers for the DoRA / canonical LoRA / merge / exchange / checkpoint tests ----------------
-def tiny_gpt_model(seed: int = 0, num_layers: int = 2, **overrides):
+def tiny_gpt_model(seed: int = 0, num_layers: int = 2, layer_spec=None, **overrides):
     """A tiny Llama-style GPTModel (local spec, SwiGLU, RMSNorm, GQA: 4 heads in 2 groups, ffn 96,
-    vocab 128, no linear biases) on the CPU; model parallel state must be initialised."""
+    vocab 128, no linear biases) on the CPU; model parallel state must be initialised.
+    ``layer_spec`` replaces the local RMSNorm spec; ``overrides`` go to the config."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -77,8 +78,9 @@ def tiny_gpt_model(seed: int = 0, num_layers: int = 2, **overrides):
               add_bias_linear=False)
     kw.update(overrides)
     config = make_config(**kw)
-    return GPTModel(config=config,
-                    transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+    if layer_spec is None:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return GPTModel(config=config, transformer_layer_spec=layer_spec,
                     vocab_size=128, max_sequence_length=32, position_embedding_type="rope")
 
 

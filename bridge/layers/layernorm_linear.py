@@ -7,6 +7,7 @@ transformer-engine get the norm-fused patterns (and the norm-fused LoRA kernels)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,10 @@ except ImportError as _exc:  # megatron-core is an optional dependency
 else:
     _IMPORT_ERROR = None
 
+# megatron-core 0.18 added ``name`` (the module's dotted path) to ColumnParallelLinear; its
+# attention and MLP pass it to every linear they build. Forward it only where the base takes it.
+_BASE_TAKES_NAME = "name" in inspect.signature(ColumnParallelLinear.__init__).parameters
+
 __all__ = ["LayerNormColumnParallelLinear", "NORMALIZATIONS"]
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -37,6 +42,12 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
     as it does for transformer-engine): ``(out, None)``, ``(out, bias)``, ``((out, ln_out), None)``
     or ``(out, bias, ln_out)``. The norm parameters are ``layer_norm_weight`` and (LayerNorm only)
     ``layer_norm_bias``, transformer-engine's names, so checkpoints interchange.
+
+    The constructor takes what megatron-core's attention (``linear_qkv``) and MLP (``linear_fc1``)
+    pass to a spec'd linear, on every supported version: ``stride`` (2 for the gated fc1, forwarded
+    so the weight's ``partition_stride`` matches megatron's own fc1) and ``name`` (0.18 and newer;
+    forwarded where the base class takes it). ``get_gpt_layer_norm_linear_spec`` builds a GPT layer
+    spec with this class in both places.
     """
 
     def __init__(
@@ -53,6 +64,8 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
         skip_weight_param_allocation: bool = False,
         tp_comm_buffer_name: str | None = None,
         tp_group=None,
+        stride: int = 1,
+        name: str | None = None,
     ) -> None:
         if gather_output:
             raise ValueError("LayerNormColumnParallelLinear does not support gather_output=True "
@@ -69,10 +82,13 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
         eps = getattr(config, "layernorm_epsilon", 1e-5)
         if not eps > 0:
             raise ValueError(f"config.layernorm_epsilon must be > 0, got {eps!r}")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        extra = {"name": name} if _BASE_TAKES_NAME else {}
         super().__init__(
             input_size, output_size, config=config, init_method=init_method, bias=bias,
             gather_output=False, skip_bias_add=skip_bias_add, is_expert=is_expert,
-            tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group,
+            tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group, stride=stride, **extra,
         )
         self.normalization = normalization
         self.eps = float(eps)
