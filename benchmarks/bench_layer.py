@@ -515,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {case.id}", flush=True)
         _, layer_rows = measure_case(case, rounds=args.rounds)
         all_rows += layer_rows
+    if torch.distributed.is_initialized():  # the world-size-1 group megatron's layers needed
+        torch.distributed.destroy_process_group()
     text = summary(all_rows) + f"\nwall time {time.monotonic() - t0:.0f} s"
     print(text)
     if args.csv:

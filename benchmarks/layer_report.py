@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 import statistics
 
@@ -152,6 +153,7 @@ def figures(layer_rows: list[dict]) -> list[str]:
 
 
 def write_layer_csv(layer_rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LAYER_COLUMNS, extrasaction="ignore")
         w.writeheader()

@@ -19,6 +19,16 @@ pytestmark = requires_kernel_device()  # the fused provider: Triton (interpreted
 LOCAL = {c.p: c for c in bl.make_cases("tiny", ["mcore-local"])}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _parallel_state_torn_down():
+    """The benchmark sets up megatron's world-size-1 state itself; later tests set up their own."""
+    yield
+    from tests.megatron_utils import destroy_parallel
+
+    if torch.distributed.is_initialized():
+        destroy_parallel()
+
+
 def test_every_provider_checked_measured_and_reported():
     from benchmarks.results import COLUMN_NAMES
 
