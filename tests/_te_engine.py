@@ -513,8 +513,8 @@ class LayerNormLinear(TransformerEngineBaseModule):
                 ln_out = ln_total if gathered else ln
                 if self.drop_gathered_ln_out_grad:
                     ln_out = _DropGrad.apply(ln_out)
-        if self.return_bias:
-            b = None if bias is None else bias.to(self.activation_dtype)
+        if self.return_bias:  # without a bias TE's LayerNormLinear returns its empty one
+            b = (self.bias if bias is None else bias).to(self.activation_dtype)
             return (out, b, ln_out) if self.return_layernorm_output else (out, b)
         return (out, ln_out) if self.return_layernorm_output else out
 

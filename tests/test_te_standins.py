@@ -149,6 +149,10 @@ def test_parameter_names_empty_bias_extra_state_and_attributes():
                       bias=False, skip_bias_add=True, skip_weight_param_allocation=False)
     assert dup.te_return_bias is False and dup.weight.sequence_parallel is False
     assert repr(col) == f"TEColumnParallelLinear(in_features={K}, out_features={N}, bias=False, TP=1)"
+    # TE itself with return_bias but no bias: Linear returns None, LayerNormLinear its empty bias
+    x = torch.randn(S, B, K)
+    assert te.Linear(K, N, bias=False, return_bias=True)(x)[1] is None
+    assert te.LayerNormLinear(K, N, bias=False, return_bias=True)(x)[1].numel() == 0
 
 
 def test_sharded_state_dict_as_megatron_shards_it():
