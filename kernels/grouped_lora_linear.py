@@ -66,8 +66,8 @@ MAX_EXPERTS = 1024  # the in-kernel schedule reads all E counts per program (E_P
 
 class GroupedArgs(NamedTuple):
     """Normalised arguments: ``weights`` is [stacked [E, N, K]] or E tensors [N, K]; ``bias``
-    [E, N] or None; ``counts`` the host list of tokens per expert, or None when they live on a
-    GPU (checked there, asynchronously)."""
+    [E, N] or None; ``counts`` the host list of tokens per expert, or None for a device tensor
+    (or one traced by torch.compile): checked by a device-side assertion, no host sync."""
 
     weights: list[torch.Tensor]
     bias: torch.Tensor | None
@@ -140,10 +140,10 @@ def check_grouped_args(x, weight, bias, lora_a, lora_b, tokens_per_expert) -> Gr
         listed = ", ".join(f"{a}={t.device}" for a, t in tensors.items())
         raise ValueError(f"all tensors must be on one device; got {listed}")
     m = math.prod(x.shape[:-1])
-    return GroupedArgs(weights, bias, e, n, k, r, _check_counts(tokens_per_expert, e, m, x.device))
+    return GroupedArgs(weights, bias, e, n, k, r, _check_counts(tokens_per_expert, e, m))
 
 
-def _check_counts(tokens_per_expert, e: int, m: int, device: torch.device) -> list[int] | None:
+def _check_counts(tokens_per_expert, e: int, m: int) -> list[int] | None:
     """tokens_per_expert: E non-negative ints summing to M (a list/tuple, or a 1-D int tensor)."""
     what = "tokens_per_expert"
     if isinstance(tokens_per_expert, torch.Tensor):
@@ -576,17 +576,18 @@ else:  # pragma: no cover
 
 # ---------------------------------------------------------------------------------------------
 # Launch configurations: one named list per architecture and kernel, autotuned per (columns,
-# reduction length, rank bucket), never per M (the routing changes M every step). The GEMM tiles
-# are the dense op's (kernels/_gemm.py), re-checked for spills with the schedule prologue
-# (tests/test_grouped_lora_linear.py's AOT test); BLOCK_M is autotuned too, since the schedule is
-# computed in-kernel. The dS/dB row tile is fixed per arch (it sizes the partials).
+# reduction length, rank bucket; the autotuner adds a power-of-two bucket of M, which routing
+# moves every step). The GEMM tiles are the dense op's (kernels/_gemm.py), re-checked for spills
+# with the schedule prologue by kernels/aot.py's sweep of aot_specs() below; BLOCK_M is autotuned
+# too, since the schedule is computed in-kernel. The dS/dB row tile is fixed per arch (it sizes
+# the dB partials).
 # ---------------------------------------------------------------------------------------------
 
 REDUCE_BLOCK = 512  # dB partial elements per program of the per-expert reduction
 # Past this many bytes of dB partials, dB_e comes from the second pass over dY (rowgemm) whatever
-# the traffic model says; tests set it to 0 (or force the partials) to cover both paths.
+# the traffic model says (_db_in_one_pass).
 DB_PARTIALS_MAX_BYTES = 256 << 20
-DB_STRATEGY = "auto"  # auto | partials | two_pass (tests force each)
+DB_STRATEGY = "auto"  # auto | partials | two_pass (tests force each path)
 
 
 def _gemm_cfg(w: int, s: int, bm: int, bc: int, bd: int):

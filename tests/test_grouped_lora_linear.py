@@ -120,6 +120,36 @@ def test_auto_db_strategy_follows_the_traffic_model():
     assert not glin._db_in_one_pass(tiles=10**4, m=10**6, n=14336, r=16, elt=2)  # byte cap
 
 
+def test_non_contiguous_inputs():
+    # x as a transposed view, per-expert A/B as permuted views of their leaves, a stacked weight
+    # stored [E, K, N] (so W_e is read with K strides != 1): every stride is honoured
+    counts, k, n, r = [9, 0, 14], 40, 24, 8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(k, 23, generator=g).to(DEV).t().requires_grad_()
+    w = (torch.randn(3, k, n, generator=g) / k**0.5).to(DEV).transpose(1, 2)
+    a_t = (torch.randn(3, k, r, generator=g) / k**0.5).to(DEV).requires_grad_()
+    b_t = torch.randn(r, 3, n, generator=g).to(DEV).requires_grad_()
+    b = torch.randn(3, n, generator=g).to(DEV).requires_grad_()
+    a, bb = a_t.transpose(1, 2), b_t.permute(1, 2, 0)
+    assert not (x.is_contiguous() or w.is_contiguous() or a.is_contiguous() or bb.is_contiguous())
+    for pos in ("pre", "post"):
+        for t in (x, a_t, b_t, b):
+            t.grad = None
+        y = grouped_lora_linear(x, w, b, a, bb, counts, scale=0.5, dropout=0.1,
+                                dropout_position=pos, seed=SEED, backend="triton")
+        dy = torch.randn(y.shape, generator=g).to(DEV)
+        y.backward(dy)
+        mask = dropout_keep_mask(SEED, x.shape if pos == "pre" else y.shape, 0.1, DEV)
+        r64 = [t.detach().double().requires_grad_() for t in (x, a_t, b_t, b)]
+        y_ref = grouped_lora_linear_ref(r64[0], w.double(), r64[3], r64[1].transpose(1, 2),
+                                        r64[2].permute(1, 2, 0), counts, scale=0.5, dropout=0.1,
+                                        dropout_mask=mask, dropout_position=pos)
+        y_ref.backward(dy.double())
+        assert rel_err(y, y_ref) < 1e-5
+        for t, t_ref in zip((x, a_t, b_t, b), r64, strict=True):
+            assert rel_err(t.grad, t_ref.grad) < 1e-5
+
+
 def test_expanded_dy_and_leading_dims():
     # y.sum().backward() hands the op a stride-0 dY: the same grads as a dense ones dY, bitwise;
     # x [2, 9, K] (leading dims) gives the same values as x [18, K]; list and tensor counts agree
