@@ -932,7 +932,9 @@ def grouped_lora_linear(
         tokens_per_expert: E counts summing to M. A list/tuple (Megatron's m_splits) is checked
             on the host and copied to the device once per call; a device tensor is used as is
             (checked by a device-side assertion: no host sync). Prefer a tensor under
-            torch.compile (a list of ints is specialised on its values).
+            torch.compile (a list of ints is specialised on its values) and CUDA-graph capture
+            (a list is copied to the device each call; the address array of separate weights
+            is built on the first call and cached, so capture after a warm-up step).
         scale: s = alpha / r. dropout, dropout_position: p and 'pre' | 'post'; off when not
             ``training``. seed: int for a reproducible mask; None draws one from torch's RNG.
         backend: auto | triton | eager (kernels/backend.py chooses; there is no CUDA C++ twin).
