@@ -238,3 +238,39 @@ def test_import_errors(megatron_tp1, tmp_path):
 def test_export_without_adapters_fails(megatron_tp1, tmp_path):
     with pytest.raises(ValueError, match="no adapters on GPT linears"):
         export_hf_adapter(tiny_gpt_model(num_layers=1), tmp_path)
+
+
+def _plain_linear_gpt(seed=0):
+    """GPT module paths over plain nn.Linear bases (o_proj and down_proj positions): LoRA gives
+    them LoRALinear(nn.Linear, LinearAdapter)."""
+    torch.manual_seed(seed)
+    root = torch.nn.Module()
+    root.decoder = torch.nn.Module()
+    layer = torch.nn.Module()
+    root.decoder.layers = torch.nn.ModuleList([layer])
+    layer.self_attention, layer.mlp = torch.nn.Module(), torch.nn.Module()
+    layer.self_attention.linear_proj = torch.nn.Linear(64, 64, bias=False)
+    layer.mlp.linear_fc2 = torch.nn.Linear(96, 64, bias=False)
+    return root
+
+
+@pytest.mark.parametrize("transform", [LoRA, CanonicalLoRA])
+def test_linear_adapter_layout_round_trips_through_the_hf_format(tmp_path, transform):
+    from bridge.peft import LinearAdapter
+
+    make = lambda seed: transform(target_modules=["linear_proj", "linear_fc2"], dim=R,  # noqa: E731
+                                  alpha=ALPHA)(_plain_linear_gpt(seed))
+    model = make(0)
+    proj = model.decoder.layers[0].self_attention.linear_proj
+    assert isinstance(proj.adapter, LinearAdapter)
+    randomise(model)
+    tensors = export_hf_adapter(model, tmp_path)
+    assert sorted(tensors) == [f"base_model.model.model.layers.0.{p}.lora_{f}.weight"
+                               for p in ("mlp.down_proj", "self_attn.o_proj") for f in "AB"]
+    assert torch.equal(tensors["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"],
+                       proj.adapter.linear_in.weight)
+    fresh = make(1)
+    import_hf_adapter(fresh, tmp_path)
+    for name, value in model.state_dict().items():
+        if ".adapter." in name:
+            assert torch.equal(fresh.state_dict()[name], value), name

@@ -254,6 +254,9 @@ def _fc1_unfused(full_name: str) -> bool:
     return full_name.startswith("vision_model.") or full_name.endswith(".mlp.experts.linear_fc1")
 
 
+_should_treat_linear_fc1_as_unfused = _fc1_unfused  # Megatron-Bridge's name
+
+
 # ---- the transform ------------------------------------------------------------------------------
 @dataclass
 class CanonicalLoRA(PEFT, ModuleMatcher):
