@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from bridge.kernels import gemm_strategy
 from bridge.kernels._checks import check_dropout
 from bridge.kernels._gemm import _grouped_tile
 from bridge.kernels._triton_common import (
@@ -60,7 +61,6 @@ from bridge.kernels.philox import draw_seed, keep_mask, seed_tensor
 
 # The slot table rides in registers of every program (BLOCK_S lanes); past this, the eager path.
 MAX_SLOTS = 256
-GEMM_STRATEGIES = ("fused", "cublas")
 SlotValues = Sequence[int] | Sequence[float] | torch.Tensor
 
 
@@ -840,6 +840,13 @@ torch.library.register_autograd("bridge::multi_lora_linear_fwd", _backward,
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
+def _auto_gemm(device: str, n: int, k: int) -> str:
+    """'auto' resolved without timing: kernels/gemm_strategy.py's heuristic (cuBLAS for large N
+    and K on sm_90+), the same on every rank and a constant of a traced graph."""
+    return gemm_strategy.heuristic(current_arch(torch.device(device)), n, k)
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -856,7 +863,7 @@ def multi_lora_linear(
     skip_bias_add: bool = False,
     seed: int | torch.Tensor | None = None,
     backend: str = "auto",
-    gemm: str = "fused",
+    gemm: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
     """y_i = x_i W^T (+ b) + (alpha_j / rank_j) B_j(A_j(dropout(x_i))) for the rows i of slot j,
@@ -875,8 +882,9 @@ def multi_lora_linear(
         backend: auto | triton | eager (no CUDA C++ kernel exists for this op). The eager backend
             runs two torch._grouped_mm in fp32 (``grouped_mm_available``), else a loop over the
             slots, with torch's RNG for dropout.
-        gemm: ``fused`` (one Triton GEMM with the low-rank term in its accumulator) or ``cublas``
-            (torch.addmm with our low-rank term as its input C; the Triton backend only).
+        gemm: ``fused`` (one Triton GEMM with the low-rank term in its accumulator), ``cublas``
+            (torch.addmm with our low-rank term as its input C) or ``auto`` (then
+            ``BRIDGE_LORA_GEMM``, else gemm_strategy's heuristic, untimed); Triton backend only.
         validate: check tokens/ranks/alphas values (free for Python sequences).
 
     Returns:
@@ -884,8 +892,7 @@ def multi_lora_linear(
     """
     _check_multi_args(x, weight, bias, lora_a, lora_b)
     check_dropout(dropout, dropout_position)
-    if gemm not in GEMM_STRATEGIES:
-        raise ValueError(f"unknown gemm {gemm!r}; expected one of {', '.join(GEMM_STRATEGIES)}")
+    gemm = gemm_strategy.requested_gemm(gemm)  # argument > BRIDGE_LORA_GEMM > auto
     n_slots, r_max, k = lora_a.shape
     m = math.prod(x.shape[:-1])
     slots = _slot_table(tokens_per_slot, ranks, alphas, m=m, n_slots=n_slots, r_max=r_max,
@@ -906,6 +913,8 @@ def multi_lora_linear(
         seed_t = None
         if p > 0.0:
             seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
+        if gemm == "auto":
+            gemm = _auto_gemm(str(x.device), weight.shape[0], k)
         y2d, _ = torch.ops.bridge.multi_lora_linear_fwd(
             x2d, weight, None if skip_bias_add else bias, lora_a, lora_b, slots.offsets,
             slots.ranks, slots.scales, seed_t, p, post, gemm == "cublas", slots.deferred)

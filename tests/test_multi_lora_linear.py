@@ -156,6 +156,22 @@ def test_cublas_strategy(dtype, pos):
            tol=dtype_tol(dtype, "chain"))
 
 
+def test_gemm_strategy_from_the_environment(monkeypatch):
+    # gemm='auto' follows BRIDGE_LORA_GEMM (kernels/gemm_strategy.py), else the heuristic
+    # ('fused' off sm_90); an unknown value is an error naming the allowed ones
+    tokens, ranks = [9, 14], [4, 8]
+    x, w, b, a, bb = _inputs(tokens, 40, 24, 8, ranks, torch.float32)
+    run = lambda **kw: multi_lora_linear(x, w, b, a, bb, tokens, ranks, [4.0, 8.0],
+                                         backend="triton", **kw)
+    monkeypatch.setenv("BRIDGE_LORA_GEMM", "cublas")
+    assert torch.equal(run(), run(gemm="cublas"))
+    monkeypatch.delenv("BRIDGE_LORA_GEMM")
+    assert torch.equal(run(), run(gemm="fused")) and not torch.equal(run(), run(gemm="cublas"))
+    monkeypatch.setenv("BRIDGE_LORA_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="BRIDGE_LORA_GEMM value 'cutlass'"):
+        run()
+
+
 def test_dadb_split_over_rows(monkeypatch):
     # rows of each slot split into chunks (fp32 partials added in order): the GPU grid at M=8192
     monkeypatch.setattr(mlora, "WGRAD_MIN_ROWS", 4)
