@@ -61,13 +61,15 @@ def base_kind(base: nn.Module) -> tuple[str | None, str]:
 
 def fused_constraints(wrapper: nn.Module, args: tuple, kwargs: dict) -> list[tuple[bool, str]]:
     """The (ok, reason) checks a LoRA wrapper must pass for the fused path."""
+    from bridge.peft.lora_layers import LinearAdapter
     from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
 
     base, adapter = wrapper.to_wrap, wrapper.adapter
     kind, why = base_kind(base)
     checks = [
         (kind is not None, why),
-        (type(adapter) is ParallelLinearAdapter, f"adapter is {type(adapter).__name__}"),
+        (type(adapter) in (ParallelLinearAdapter, LinearAdapter),
+         f"adapter is {type(adapter).__name__}"),
         (getattr(adapter, "activation_name", None) == "identity", "adapter activation is not identity"),
         (not args and not kwargs, "the base linear was called with extra arguments"),
     ]
