@@ -74,16 +74,58 @@ if HAS_TRITON:
         return dot_operand(u, OP_DTYPE, INTERPRET), v
 
     @triton.jit
-    def _lowrank_rest(acc, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr, u_scale,
+    def _lowrank_rest(acc, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr, u_scale, done,
                       SCALE_U: tl.constexpr, OP_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_STEPS: tl.constexpr):
-        """acc + the rank steps after the first (ranks above BLOCK_R), unrolled: a loop here
-        would be software-pipelined with buffers of its own."""
-        for i in tl.static_range(1, R_STEPS):
-            u, v = _lowrank_step(u_ptr, v_ptr, rm, rj, i * BLOCK_R, M, J, R, stride_vj,
-                                 stride_vr, u_scale, SCALE_U, OP_DTYPE, INTERPRET, BLOCK_R)
-            acc = tl.dot(u, v, acc, input_precision=PRECISION)
+                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_STEPS: tl.constexpr,
+                      FIRST: tl.constexpr):
+        """acc + the rank steps FIRST.. that are not done yet (step i is done when i < done),
+        after the main loop. Unrolled, each behind its own branch: a loop would be pipelined
+        with buffers of its own, and straight-line code would load every step at once."""
+        for i in tl.static_range(FIRST, R_STEPS):
+            if (i >= done) & (i * BLOCK_R < R):
+                u, v = _lowrank_step(u_ptr, v_ptr, rm, rj, i * BLOCK_R, M, J, R, stride_vj,
+                                     stride_vr, u_scale, SCALE_U, OP_DTYPE, INTERPRET, BLOCK_R)
+                acc = tl.dot(u, v, acc, input_precision=PRECISION)
         return acc
+
+    @triton.jit
+    def _lowrank_in_loop(acc, u, v, step, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr,
+                         u_scale, MASK: tl.constexpr, OP_DTYPE: tl.constexpr,
+                         INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_R: tl.constexpr, R_STEPS: tl.constexpr):
+        """After main step ``step``'s MMA is issued: load the low-rank operands while it runs
+        and the pipeline's next stages are in flight (no load after a drained pipeline). Rank
+        step i rides along main step i as one more reduction step of acc; with a mask the
+        first one is kept (u, v) for the epilogue's second accumulator. -> (acc, u, v)."""
+        if MASK:
+            if step == 0:
+                u, v = _lowrank_step(u_ptr, v_ptr, rm, rj, 0, M, J, R, stride_vj, stride_vr,
+                                     u_scale, False, OP_DTYPE, INTERPRET, BLOCK_R)
+        elif step < R_STEPS:
+            u0, v0 = _lowrank_step(u_ptr, v_ptr, rm, rj, step * BLOCK_R, M, J, R, stride_vj,
+                                   stride_vr, u_scale, True, OP_DTYPE, INTERPRET, BLOCK_R)
+            acc = tl.dot(u0, v0, acc, input_precision=PRECISION)
+        return acc, u, v
+
+    @triton.jit
+    def _lowrank_after(acc, u, v, steps, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr,
+                       u_scale, MASK: tl.constexpr, OP_DTYPE: tl.constexpr,
+                       INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_R: tl.constexpr, R_STEPS: tl.constexpr):
+        """After the main loop of ``steps`` steps -> (acc, low): with a mask low = U V, its own
+        fp32 tile (unscaled); else the rank steps the loop was too short for join acc, and low
+        is acc."""
+        if MASK:
+            low = tl.dot(u, v, input_precision=PRECISION)
+            low = _lowrank_rest(low, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr,
+                                u_scale, 0, False, OP_DTYPE, INTERPRET, PRECISION, BLOCK_R,
+                                R_STEPS, 1)
+            return acc, low
+        else:
+            acc = _lowrank_rest(acc, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr,
+                                u_scale, steps, True, OP_DTYPE, INTERPRET, PRECISION, BLOCK_R,
+                                R_STEPS, 0)
+            return acc, acc
 
     @triton.jit
     def _halves(t, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
@@ -114,38 +156,22 @@ if HAS_TRITON:
     def _epilogue(acc, low, off_m, off_j, M, J, bias_ptr, out, seed, p, low_scale,
                   HAS_BIAS: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, EPI_SPLIT: tl.constexpr):
-        """The tile's epilogue in EPI_SPLIT column parts (1, 2 or 4): the dropout mask and the
-        staging buffer of the store then cover a part at a time, which bounds the live mask
-        registers and the shared memory the store takes from the pipeline."""
+        """The tile's epilogue, whole (EPI_SPLIT 1) or in two column halves (2): the dropout
+        mask and the staging buffer of the TMA store then cover half a tile at a time, which
+        bounds the live mask registers and the shared memory the store takes from the
+        pipeline's stages."""
         if EPI_SPLIT == 1:
             _epilogue_part(acc, low, off_m, off_j, M, J, bias_ptr, out, seed, p, low_scale,
                            HAS_BIAS, MASK, USE_TMA, BLOCK_M, BLOCK_J)
-        elif EPI_SPLIT == 2:
+        else:
+            tl.static_assert(EPI_SPLIT == 2, "EPI_SPLIT is 1 or 2")
+            half: tl.constexpr = BLOCK_J // 2
             a0, a1 = _halves(acc, BLOCK_M, BLOCK_J)
             l0, l1 = _halves(low, BLOCK_M, BLOCK_J)
-            half: tl.constexpr = BLOCK_J // 2
             _epilogue_part(a0, l0, off_m, off_j, M, J, bias_ptr, out, seed, p, low_scale,
                            HAS_BIAS, MASK, USE_TMA, BLOCK_M, half)
             _epilogue_part(a1, l1, off_m, off_j + half, M, J, bias_ptr, out, seed, p,
                            low_scale, HAS_BIAS, MASK, USE_TMA, BLOCK_M, half)
-        else:
-            tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT is 1, 2 or 4")
-            half: tl.constexpr = BLOCK_J // 2
-            quarter: tl.constexpr = BLOCK_J // 4
-            a0, a1 = _halves(acc, BLOCK_M, BLOCK_J)
-            l0, l1 = _halves(low, BLOCK_M, BLOCK_J)
-            a00, a01 = _halves(a0, BLOCK_M, half)
-            l00, l01 = _halves(l0, BLOCK_M, half)
-            _epilogue_part(a00, l00, off_m, off_j, M, J, bias_ptr, out, seed, p, low_scale,
-                           HAS_BIAS, MASK, USE_TMA, BLOCK_M, quarter)
-            _epilogue_part(a01, l01, off_m, off_j + quarter, M, J, bias_ptr, out, seed, p,
-                           low_scale, HAS_BIAS, MASK, USE_TMA, BLOCK_M, quarter)
-            a10, a11 = _halves(a1, BLOCK_M, half)
-            l10, l11 = _halves(l1, BLOCK_M, half)
-            _epilogue_part(a10, l10, off_m, off_j + half, M, J, bias_ptr, out, seed, p,
-                           low_scale, HAS_BIAS, MASK, USE_TMA, BLOCK_M, quarter)
-            _epilogue_part(a11, l11, off_m, off_j + half + quarter, M, J, bias_ptr, out, seed,
-                           p, low_scale, HAS_BIAS, MASK, USE_TMA, BLOCK_M, quarter)
 
     @triton.jit
     def _lora_gemm_kernel(
@@ -172,7 +198,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,  # rank step (padded rank bucket, <= GEMM_RANK_STEP)
         R_STEPS: tl.constexpr,  # rank steps: the rank bucket / BLOCK_R
         GROUP_M: tl.constexpr,  # row tiles per L2 group
-        EPI_SPLIT: tl.constexpr,  # epilogue column parts (1, 2, 4)
+        EPI_SPLIT: tl.constexpr,  # epilogue column parts (1, 2)
     ):
         """out = A Wt + c U V (+ bias), or A Wt + c (U V) * m / (1 - p) (+ bias) with MASK:
         one output tile per program, cp.async-pipelined main loop over L."""
@@ -190,7 +216,7 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
         u = tl.zeros((BLOCK_M, BLOCK_R), dtype=OP_DTYPE)  # MASK: carried to the epilogue
         v = tl.zeros((BLOCK_R, BLOCK_J), dtype=v_ptr.dtype.element_ty)
-        for l0 in range(0, L, BLOCK_L):  # L >= 1 (L = 0 would mean S = 0 or dS = 0)
+        for l0 in range(0, L, BLOCK_L):
             rl = l0 + rl0
             l_ok = rl < L
             a = load_f32(a_rows + rl[None, :] * stride_al, m_ok[:, None] & l_ok[None, :],
@@ -198,26 +224,14 @@ if HAS_TRITON:
             w = load_f32(w_cols + rl[:, None] * stride_wl, l_ok[:, None] & j_ok[None, :],
                          INTERPRET)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            if l0 == 0:
-                # The low-rank operands, loaded while the first step's MMA runs and the
-                # pipeline's next stages are in flight: no load after a drained pipeline.
-                u0, v0 = _lowrank_step(u_ptr, v_ptr, rm, rj, 0, M, J, R, stride_vj, stride_vr,
-                                       u_scale, not MASK, OP_DTYPE, INTERPRET, BLOCK_R)
-                if MASK:
-                    u = u0
-                    v = v0
-                else:  # one more reduction step of the same accumulator
-                    acc = tl.dot(u0, v0, acc, input_precision=PRECISION)
-                    acc = _lowrank_rest(acc, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj,
-                                        stride_vr, u_scale, True, OP_DTYPE, INTERPRET,
-                                        PRECISION, BLOCK_R, R_STEPS)
-        low = acc
+            acc, u, v = _lowrank_in_loop(acc, u, v, l0 // BLOCK_L, u_ptr, v_ptr, rm, rj, M, J,
+                                         R, stride_vj, stride_vr, u_scale, MASK, OP_DTYPE,
+                                         INTERPRET, PRECISION, BLOCK_R, R_STEPS)
+        acc, low = _lowrank_after(acc, u, v, tl.cdiv(L, BLOCK_L), u_ptr, v_ptr, rm, rj, M, J,
+                                  R, stride_vj, stride_vr, u_scale, MASK, OP_DTYPE, INTERPRET,
+                                  PRECISION, BLOCK_R, R_STEPS)
         seed = 0
         if MASK:
-            low = tl.dot(u, v, input_precision=PRECISION)
-            low = _lowrank_rest(low, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr,
-                                u_scale, False, OP_DTYPE, INTERPRET, PRECISION, BLOCK_R,
-                                R_STEPS)
             seed = tl.load(seed_ptr)
         _epilogue(acc, low, off_m, off_j, M, J, bias_ptr, out_ptr, seed, p,
                   u_scale * keep_scale, HAS_BIAS, MASK, False, BLOCK_M, BLOCK_J, EPI_SPLIT)
@@ -247,7 +261,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,  # rank step
         R_STEPS: tl.constexpr,  # rank steps
         GROUP_M: tl.constexpr,  # row tiles per L2 group
-        EPI_SPLIT: tl.constexpr,  # epilogue column parts (1, 2, 4): TMA store staging size
+        EPI_SPLIT: tl.constexpr,  # epilogue column parts (1, 2): TMA store staging size
     ):
         """The same out as ``_lora_gemm_kernel``, persistent: the grid is at most one program
         per SM, each walking tiles pid, pid + grid, ...; tile and main loop are flattened into
@@ -279,24 +293,12 @@ if HAS_TRITON:
                     a = a.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
-                if step == 0:  # as in _lora_gemm_kernel; in the flattened loop, too
-                    u0, v0 = _lowrank_step(u_ptr, v_ptr, rm, rj, 0, M, J, R, stride_vj,
-                                           stride_vr, u_scale, not MASK, OP_DTYPE, INTERPRET,
-                                           BLOCK_R)
-                    if MASK:
-                        u = u0
-                        v = v0
-                    else:
-                        acc = tl.dot(u0, v0, acc, input_precision=PRECISION)
-                        acc = _lowrank_rest(acc, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj,
-                                            stride_vr, u_scale, True, OP_DTYPE, INTERPRET,
-                                            PRECISION, BLOCK_R, R_STEPS)
-            low = acc
-            if MASK:
-                low = tl.dot(u, v, input_precision=PRECISION)
-                low = _lowrank_rest(low, u_ptr, v_ptr, rm, rj, M, J, R, stride_vj, stride_vr,
-                                    u_scale, False, OP_DTYPE, INTERPRET, PRECISION, BLOCK_R,
-                                    R_STEPS)
+                acc, u, v = _lowrank_in_loop(acc, u, v, step, u_ptr, v_ptr, rm, rj, M, J, R,
+                                             stride_vj, stride_vr, u_scale, MASK, OP_DTYPE,
+                                             INTERPRET, PRECISION, BLOCK_R, R_STEPS)
+            acc, low = _lowrank_after(acc, u, v, steps, u_ptr, v_ptr, rm, rj, M, J, R,
+                                      stride_vj, stride_vr, u_scale, MASK, OP_DTYPE, INTERPRET,
+                                      PRECISION, BLOCK_R, R_STEPS)
             _epilogue(acc, low, off_m, off_j, M, J, bias_ptr, out_desc, seed, p,
                       u_scale * keep_scale, HAS_BIAS, MASK, True, BLOCK_M, BLOCK_J, EPI_SPLIT)
 
@@ -550,54 +552,63 @@ def launch_dx(dy2d: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_a
 
 
 def _aot_configs(arch: str, name: str) -> list:
-    """``configs`` for the AOT sweep; "gemm_tma#3" is the TMA list's 4th config alone (its
-    descriptor types depend on the tile, so each TMA config is its own spec), sm_90 only."""
+    """``configs`` for the AOT sweep: a list name, or "list#i" for its config i alone (a TMA
+    config is its own spec, since its descriptor types depend on the tile)."""
     base, _, index = name.partition("#")
+    entries = configs(arch, base)
     if not index:
-        return configs(arch, base)
-    return [configs(arch, base)[int(index)]] if arch == "sm90" else []
+        return entries
+    return entries[int(index):int(index) + 1]
 
 
 def aot_specs() -> list[dict]:
-    """The GEMM variants for ``kernels/aot.py``: dicts of kernel, variant, configs (a list name
-    for ``configs_fn``), configs_fn, sig (argument -> Triton type, or 1 for a unit stride),
-    fixed constexprs, uses_dot, archs. bf16 operands, the 32-wide rank step; the forward with
-    bias (and 'post' mask), dX (and 'pre' mask with the fp32 output of the norm path)."""
+    """The GEMM variants for ``kernels/aot.py``: dicts of kernel, variant, configs (a name for
+    ``configs_fn``), configs_fn, sig (argument -> Triton type, or 1 for a unit stride), fixed
+    constexprs, uses_dot, archs. bf16 operands, the 32-wide rank step: the forward with bias
+    (and 'post' mask), dX (and 'pre' mask with the fp32 output of the norm path), and, on the
+    two largest tiles of each list, rank 64 (two rank steps: the most registers)."""
     dt, f32, i32, i64p, f32p = "*bf16", "fp32", "i32", "*i64", "*fp32"
-    common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": GEMM_RANK_STEP, "R_STEPS": 1}
+    common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": GEMM_RANK_STEP}
     ptr_sig = {"a_ptr": dt, "w_ptr": dt, "u_ptr": f32p, "v_ptr": dt, "bias_ptr": dt,
                "out_ptr": dt, "seed_ptr": i64p, "M": i32, "J": i32, "L": i32, "R": i32,
                "stride_am": i32, "stride_al": 1, "u_scale": f32, "p": f32, "keep_scale": f32}
     # forward: W [N, K] read along K (l) and B [N, r] along r; dX: W and A read along K (j)
-    fwd_strides = {"stride_wj": i32, "stride_wl": 1, "stride_vj": i32, "stride_vr": 1}
-    dx_strides = {"stride_wj": 1, "stride_wl": i32, "stride_vj": 1, "stride_vr": i32}
-    fwd_sig, dx_sig = {**ptr_sig, **fwd_strides}, {**ptr_sig, **dx_strides}
-    variants = [  # (name, sig, fixed, config list suffix, TMA weight descriptor is [L, J])
-        ("fwd: bias", fwd_sig, {"HAS_BIAS": True, "MASK": False}, "", False),
-        ("fwd: bias, post mask", fwd_sig, {"HAS_BIAS": True, "MASK": True}, "_mask", False),
-        ("dx", dx_sig, {"HAS_BIAS": False, "MASK": False}, "", True),
-        ("dx: pre mask, fp32 out", {**dx_sig, "out_ptr": f32p},
-         {"HAS_BIAS": False, "MASK": True}, "_mask", True),
+    fwd_sig = {**ptr_sig, "stride_wj": i32, "stride_wl": 1, "stride_vj": i32, "stride_vr": 1}
+    dx_sig = {**ptr_sig, "stride_wj": 1, "stride_wl": i32, "stride_vj": 1, "stride_vr": i32}
+    dx32_sig = {**dx_sig, "out_ptr": f32p}
+    bias, mask = {"HAS_BIAS": True, "MASK": False}, {"HAS_BIAS": False, "MASK": True}
+    variants = [  # (name, sig, fixed, config list suffix, configs (None: all), rank steps)
+        ("fwd: bias", fwd_sig, bias, "", None, 1),
+        ("fwd: bias, post mask", fwd_sig, {"HAS_BIAS": True, "MASK": True}, "_mask", None, 1),
+        ("dx", dx_sig, {"HAS_BIAS": False, "MASK": False}, "", None, 1),
+        ("dx: pre mask, fp32 out", dx32_sig, mask, "_mask", None, 1),
+        ("fwd: bias, rank 64", fwd_sig, bias, "", (0, 1), 2),
+        ("dx: pre mask, fp32 out, rank 64", dx32_sig, mask, "_mask", (0,), 2),
     ]
     specs = []
-    for variant, sig, fixed, suffix, w_lj in variants:
-        specs.append({"kernel": _lora_gemm_kernel, "variant": variant, "configs": "gemm" + suffix,
-                      "configs_fn": _aot_configs, "sig": sig, "fixed": {**common, **fixed},
-                      "uses_dot": True, "archs": (80, 90)})
-        out_t = sig["out_ptr"][1:]
-        for i, c in enumerate(configs("sm90", "gemm_tma" + suffix)):
-            bm, bj, bl = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_J"], c.kwargs["BLOCK_L"]
+    for variant, sig, fixed, suffix, which, r_steps in variants:
+        fixed = {**common, **fixed, "R_STEPS": r_steps}
+        w_lj = sig["stride_wj"] == 1  # dX: the weight tile is [L, J] as stored
+        for i in which or (None,):
+            specs.append({"kernel": _lora_gemm_kernel, "variant": variant,
+                          "configs": "gemm" + suffix + ("" if i is None else f"#{i}"),
+                          "configs_fn": _aot_configs, "sig": sig, "fixed": fixed,
+                          "uses_dot": True, "archs": (80, 90)})
+        tma = configs("sm90", "gemm_tma" + suffix)
+        for i in which or range(len(tma)):
+            bm, bj, bl = (tma[i].kwargs[k] for k in ("BLOCK_M", "BLOCK_J", "BLOCK_L"))
+            out_t = sig["out_ptr"][1:]
             tma_sig = {
                 "a_desc": f"tensordesc<bf16[{bm}, {bl}]>",
                 "w_desc": f"tensordesc<bf16[{bl}, {bj}]>" if w_lj
                 else f"tensordesc<bf16[{bj}, {bl}]>",
                 "u_ptr": f32p, "v_ptr": dt, "bias_ptr": dt,
-                "out_desc": f"tensordesc<{out_t}[{bm}, {bj // c.kwargs['EPI_SPLIT']}]>",
+                "out_desc": f"tensordesc<{out_t}[{bm}, {bj // tma[i].kwargs['EPI_SPLIT']}]>",
                 "seed_ptr": i64p, "M": i32, "J": i32, "L": i32, "R": i32,
                 "stride_vj": sig["stride_vj"], "stride_vr": sig["stride_vr"], "u_scale": f32,
                 "p": f32, "keep_scale": f32}
             specs.append({"kernel": _lora_gemm_tma_kernel, "variant": f"{variant} (tma)",
                           "configs": f"gemm_tma{suffix}#{i}", "configs_fn": _aot_configs,
-                          "sig": tma_sig, "fixed": {**common, **fixed, "W_LJ": w_lj},
-                          "uses_dot": True, "archs": (90,)})
+                          "sig": tma_sig, "fixed": {**fixed, "W_LJ": w_lj}, "uses_dot": True,
+                          "archs": (90,)})
     return specs

@@ -152,37 +152,50 @@ def _cache_file(device_name: str) -> Path:
 
 
 class _DiskCache:
-    """Autotune winners by key string, read once per file and written atomically (merged with
-    what another process may have written meanwhile; a lost race only costs a re-benchmark)."""
+    """Autotune winners by key string, one JSON file per (GPU, versions). A key missing here is
+    looked up again in the file when another process has rewritten it since (a rank that
+    finished tuning first), and entries are written atomically, merged with what another
+    process wrote meanwhile (a lost race costs one re-benchmark, never a torn file)."""
 
     def __init__(self):
-        self._files: dict[Path, dict] = {}
+        self._files: dict[Path, tuple[float, dict]] = {}  # path -> (mtime read, entries)
         self._warned = False
 
-    def _read(self, path: Path) -> dict:
+    @staticmethod
+    def _read(path: Path) -> tuple[float, dict]:
         try:
+            mtime = path.stat().st_mtime
             with open(path) as f:
                 data = json.load(f)
-            return data if isinstance(data, dict) else {}
+            return mtime, data if isinstance(data, dict) else {}
         except (OSError, ValueError):
-            return {}
+            return 0.0, {}
 
     def get(self, path: Path, key: str) -> str | None:
-        if path not in self._files:
-            self._files[path] = self._read(path)
-        return self._files[path].get(key)
+        mtime, entries = self._files.get(path, (None, {}))
+        if key not in entries:
+            try:
+                changed = mtime is None or path.stat().st_mtime != mtime
+            except OSError:
+                changed = False
+            if changed:
+                mtime, disk = self._read(path)
+                entries = {**disk, **entries}
+                self._files[path] = (mtime, entries)
+        return entries.get(key)
 
     def put(self, path: Path, key: str, label: str) -> None:
-        entries = self._files.setdefault(path, {})
+        mtime, entries = self._files.get(path, (0.0, {}))
         entries[key] = label
+        self._files[path] = (mtime, entries)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read(path), **entries}
+            merged = {**self._read(path)[1], **entries}
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump(merged, f, indent=0, sort_keys=True)
             os.replace(tmp, path)
-            self._files[path] = merged
+            self._files[path] = (path.stat().st_mtime, merged)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -196,23 +209,25 @@ DISK_CACHE = _DiskCache()
 class Choice:
     """One autotune candidate: ``kernel`` launched with ``config``, as is or through ``launch``
     (which may rewrite the arguments, e.g. into TMA descriptors, and pick its own grid).
-    ``eligible(args)`` says whether it can run this call (alignment, strides)."""
+    ``eligible(args)`` says whether it can run this call (alignment, strides); candidates that
+    share one rule share the function, which the tuner then evaluates once per call."""
 
     def __init__(self, kernel, config, family: str = "ptr",
                  launch: Callable | None = None, eligible: Callable | None = None):
         self.kernel, self.config, self.family = kernel, config, family
-        self._launch, self._eligible = launch, eligible
-        meta = ",".join(f"{k}={v}" for k, v in sorted(config.all_kwargs().items()))
-        self.label = f"{family}:{kernel.__name__}:{meta}"
+        self._launch, self.rule = launch, eligible
+        self.meta = config.all_kwargs()
+        self.label = f"{family}:{kernel.__name__}:" + ",".join(
+            f"{k}={v}" for k, v in sorted(self.meta.items()))
 
     def eligible(self, args: dict) -> bool:
-        return self._eligible is None or self._eligible(args)
+        return self.rule is None or self.rule(args)
 
     def run(self, grid, args: dict) -> None:
         if self._launch is not None:
             self._launch(self, grid, args)
         else:
-            self.kernel[grid](**args, **self.config.all_kwargs())
+            self.kernel[grid](**args, **self.meta)
 
 
 def _bench(choice: Choice, grid, args: dict) -> float:
@@ -222,12 +237,18 @@ def _bench(choice: Choice, grid, args: dict) -> float:
     return do_bench(lambda: choice.run(grid, args), return_mode="median")
 
 
+def _int_class(value: int) -> int:
+    """How Triton specialises an integer argument: 1 (a constexpr), 16 (divisible), 0."""
+    return 1 if value == 1 else 16 if value % 16 == 0 else 0
+
+
 class Tuner:
     """Launches the fastest eligible ``Choice`` for each bucketed key: ``tuner[grid](*args,
     **kwargs)`` with the arguments of ``kernel`` (the first choice's kernel).
 
     One eligible choice (the interpreter's lists): launched, nothing benchmarked. Under CUDA
     graph capture nothing is benchmarked either (the cached winner, else the first choice).
+    A call costs one tuple key and a dict lookup once its key has been tuned.
     """
 
     def __init__(self, name: str, kernel, choices: list[Choice], key: tuple[str, ...]):
@@ -239,17 +260,34 @@ class Tuner:
         if "M" in self.arg_names and "M" not in names:
             names.insert(0, "M")
         self.key_names = tuple(names)
+        self._keyed = frozenset(names)
         fn = getattr(kernel, "fn", kernel)
         self.constexprs = frozenset(n for n, prm in inspect.signature(fn).parameters.items()
                                     if "constexpr" in str(prm.annotation))
-        self._best: dict[str, Choice] = {}
+        self._rules = list(dict.fromkeys(c.rule for c in choices if c.rule is not None))
+        self._best: dict[tuple, Choice] = {}
         self._labels = hashlib.sha1("|".join(c.label for c in choices).encode()).hexdigest()[:8]
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
 
+    def _fast_key(self, args: dict, family: str | None, passed: tuple) -> tuple:
+        """The in-memory key of one call: what ``key`` spells out, as a cheap tuple."""
+        key = [family, passed]
+        keyed, constexprs = self._keyed, self.constexprs
+        for name, value in args.items():
+            if name in keyed:
+                key.append(_bucket(name, value))
+            elif name in constexprs:
+                key.append(value)
+            elif type(value) is int:
+                key.append(_int_class(value))
+            elif type(value) is not float:  # a tensor: its dtype (isinstance costs more)
+                key.append(getattr(value, "dtype", None))
+        return tuple(key)
+
     def key(self, args: dict, eligible: list[Choice]) -> str:
-        """The cache key of one call (see the section comment)."""
+        """The cache key of one call (see the section comment), as stored on disk."""
         parts = [self.name, self._labels]
         parts += [f"{n}={_bucket(n, args[n])}" for n in self.key_names]
         for name, value in args.items():
@@ -259,7 +297,7 @@ class Tuner:
                 parts.append(f"{name}:{str(value.dtype).removeprefix('torch.')}")
             elif name in self.constexprs:
                 parts.append(f"{name}={value}")
-            elif isinstance(value, int) and not isinstance(value, bool):  # Triton specialises
+            elif type(value) is int:  # Triton specialises it
                 parts.append(f"{name}:{'1' if value == 1 else 'd16' if value % 16 == 0 else 'n'}")
         if len(eligible) != len(self.choices):
             parts.append("only=" + ",".join(str(self.choices.index(c)) for c in eligible))
@@ -268,28 +306,38 @@ class Tuner:
     def run(self, grid, *args, family: str | None = None, **kwargs) -> None:
         bound = dict(zip(self.arg_names[:len(args)], args, strict=True))
         bound.update(kwargs)
-        eligible = [c for c in self.choices
-                    if (family is None or c.family == family) and c.eligible(bound)]
-        if not eligible:
-            raise RuntimeError(f"{self.name}: no eligible kernel"
-                               + (f" of family {family!r}" if family else "") + " for this call")
-        self.pick(grid, bound, eligible).run(grid, bound)
+        passed = tuple(rule(bound) for rule in self._rules)
+        fast = self._fast_key(bound, family, passed)
+        choice = self._best.get(fast)
+        if choice is None:
+            ok = dict(zip(self._rules, passed, strict=True))
+            eligible = [c for c in self.choices if (family is None or c.family == family)
+                        and (c.rule is None or ok[c.rule])]
+            if not eligible:
+                raise RuntimeError(f"{self.name}: no eligible kernel"
+                                   + (f" of family {family!r}" if family else "")
+                                   + " for this call")
+            choice = self.pick(grid, bound, eligible)
+            if choice is not None:
+                self._best[fast] = choice
+            else:  # under graph capture: the first eligible, not remembered
+                choice = eligible[0]
+        choice.run(grid, bound)
 
-    def pick(self, grid, bound: dict, eligible: list[Choice]) -> Choice:
+    def pick(self, grid, bound: dict, eligible: list[Choice]) -> Choice | None:
+        """The winner for this call's key: the only candidate, the disk cache's, or measured
+        (None under CUDA graph capture, where nothing may be timed)."""
         if len(eligible) == 1:
             return eligible[0]
         key = self.key(bound, eligible)
-        if key in self._best:
-            return self._best[key]
         device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
         path = _cache_file(_device_name(device))
-        label = DISK_CACHE.get(path, key)
         by_label = {c.label: c for c in eligible}
+        label = DISK_CACHE.get(path, key)
         if label in by_label:
-            self._best[key] = by_label[label]
             return by_label[label]
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return eligible[0]  # never time inside a graph capture; not cached
+            return None
         timings = {}
         for c in eligible:
             try:
@@ -302,7 +350,6 @@ class Tuner:
             raise RuntimeError(f"{self.name}: every candidate failed to launch: {timings}")
         logger.info("bridge.kernels: autotuned %s -> %s (%.4f ms)", key, best.label,
                     timings[best.label])
-        self._best[key] = best
         DISK_CACHE.put(path, key, best.label)
         return best
 
