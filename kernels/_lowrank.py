@@ -255,10 +255,12 @@ def _configs_sm80() -> dict[str, list]:
             cfg(8, 3, BLOCK_K=128, BLOCK_M=64),
         ],
         # expand: a store-bound [BM, BC] tile after a one- or two-step rank loop (wide tiles,
-        # 16-byte stores); masked: <= 32 Philox elements per thread, as in the GEMMs
+        # 16-byte stores); masked: <= 32 Philox elements per thread, as in the GEMMs. The wide
+        # tiles take 210-230 registers here (one 8-warp block per SM): 64x64 keeps 4 blocks
         "expand": [
             cfg(8, 2, BLOCK_M=128, BLOCK_C=128),
             cfg(4, 2, BLOCK_M=64, BLOCK_C=128),
+            cfg(4, 2, BLOCK_M=64, BLOCK_C=64),
         ],
         "expand_masked": [
             cfg(8, 2, BLOCK_M=64, BLOCK_C=128),
@@ -438,17 +440,47 @@ def launch_expand(l_mat: torch.Tensor, factor: torch.Tensor, alpha: float, *,
 
 
 def aot_specs() -> list[dict]:
-    """The expand kernel for ``kernels/aot.py`` (its format: kernel, variant, config list name,
-    signature, fixed constexprs, uses_dot, configs_fn): bf16, rank tile 64, with and without
-    the mask and the bias."""
-    dt, f32, i32 = "*bf16", "fp32", "i32"
-    sig = {"l_ptr": "*fp32", "f_ptr": dt, "bias_ptr": dt, "out_ptr": dt, "seed_ptr": "*i64",
-           "M": i32, "C": i32, "R": i32, "stride_fc": i32, "stride_fr": 1, "alpha": f32,
-           "p": f32, "keep_scale": f32}
+    """Every kernel of this module for ``kernels/aot.py`` (its format: kernel, variant, config
+    list name, signature, fixed constexprs, uses_dot, configs_fn): bf16, rank tile 64, the
+    variant with the most work (dropout on) and, for dS/dB and the expand, each variant that
+    compiles differently."""
+    dt, f32, i32, i64p, f32p = "*bf16", "fp32", "i32", "*i64", "*fp32"
     common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": 64}
-    return [{"kernel": _lora_expand_kernel, "variant": variant, "configs": name, "sig": sig,
-             "fixed": {**common, "HAS_BIAS": bias, "HAS_DROPOUT": drop}, "uses_dot": True,
-             "configs_fn": configs}
-            for variant, name, bias, drop in (("bias", "expand", True, False),
-                                              ("bias+mask", "expand_masked", True, True),
-                                              ("mask (dX addend)", "expand_masked", False, True))]
+    shrink_sig = {"x_ptr": dt, "a_ptr": dt, "s_ptr": f32p, "seed_ptr": i64p, "M": i32, "K": i32,
+                  "R": i32, "stride_xm": i32, "stride_xk": 1, "stride_ar": i32, "stride_ak": 1,
+                  "p": f32, "keep_scale": f32}
+    dsdb_sig = {"dy_ptr": dt, "b_ptr": dt, "s_ptr": f32p, "ds_ptr": f32p, "dbp_ptr": f32p,
+                "seed_ptr": i64p, "M": i32, "N": i32, "R": i32, "stride_dym": i32,
+                "stride_dyn": 1, "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32,
+                "keep_scale": f32}
+    da_sig = {"ds_ptr": f32p, "x_ptr": dt, "da_ptr": dt, "seed_ptr": i64p, "M": i32, "K": i32,
+              "R": i32, "stride_xm": i32, "stride_xk": 1, "p": f32, "keep_scale": f32}
+    # the expand reads lora_b [N, r] (unit rank stride) or lora_a [r, K] as A^T (unit C stride)
+    expand_sig = {"l_ptr": f32p, "f_ptr": dt, "bias_ptr": dt, "out_ptr": dt, "seed_ptr": i64p,
+                  "M": i32, "C": i32, "R": i32, "stride_fc": i32, "stride_fr": 1, "alpha": f32,
+                  "p": f32, "keep_scale": f32}
+    expand_t_sig = {**expand_sig, "stride_fc": 1, "stride_fr": i32}
+    dsdb_fixed = {**common, "BLOCK_M": DSDB_BLOCK_M["sm80"]}
+
+    def spec(kernel, variant, name, sig, fixed):
+        return {"kernel": kernel, "variant": variant, "configs": name, "sig": sig,
+                "fixed": fixed, "uses_dot": True, "configs_fn": configs}
+
+    return [
+        spec(_lora_linear_shrink_kernel, "pre-dropout", "shrink", shrink_sig,
+             {**common, "HAS_DROPOUT": True}),
+        spec(_lora_linear_bwd_dsdb_kernel, "post-dropout", "dsdb", dsdb_sig,
+             {**dsdb_fixed, "POST_DROPOUT": True, "WRITE_DB": True}),
+        spec(_lora_linear_bwd_dsdb_kernel, "no-mask, dB as its own GEMM", "dsdb", dsdb_sig,
+             {**dsdb_fixed, "POST_DROPOUT": False, "WRITE_DB": False}),
+        spec(_lora_linear_bwd_da_kernel, "pre-dropout", "da", da_sig,
+             {**common, "PRE_DROPOUT": True}),
+        spec(_lora_expand_kernel, "P: bias", "expand", expand_sig,
+             {**common, "HAS_BIAS": True, "HAS_DROPOUT": False}),
+        spec(_lora_expand_kernel, "P: bias+post-dropout", "expand_masked", expand_sig,
+             {**common, "HAS_BIAS": True, "HAS_DROPOUT": True}),
+        spec(_lora_expand_kernel, "Q: pre-dropout (A^T)", "expand_masked", expand_t_sig,
+             {**common, "HAS_BIAS": False, "HAS_DROPOUT": True}),
+        spec(_lora_expand_kernel, "Q: no mask (A^T)", "expand", expand_t_sig,
+             {**common, "HAS_BIAS": False, "HAS_DROPOUT": False}),
+    ]

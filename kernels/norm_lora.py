@@ -637,6 +637,19 @@ torch.library.register_autograd("bridge::norm_lora_fwd", _norm_lora_backward,
                                 setup_context=_norm_lora_setup_context)
 
 
+class _NormLoRAFunction(torch.autograd.Function):
+    """The functional op's way into the registered op: its setup_context and backward, without
+    custom_op's per-call schema walk (see lora_linear._LoRALinearFunction; 17 arguments here)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = torch.ops.bridge.norm_lora_fwd(*inputs)  # grad mode is off here: no autograd
+        _norm_lora_setup_context(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_norm_lora_backward)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend choice and the functional op
 
@@ -700,7 +713,7 @@ def norm_lora_linear_fused(
         scale=scale, seed=seed_t, p=p, post=post, need_bwd=need_bwd,
         dx_dtype={g: _dln_dtype(g, row_backend, x.dtype) for g in gemm_strategy.STRATEGIES},
         group=gemm_group)
-    y, ln, _, _, _ = torch.ops.bridge.norm_lora_fwd(
+    y, ln, _, _, _ = _NormLoRAFunction.apply(
         x, norm_weight, norm_bias, weight, bias, lora_a, lora_b, seed_t, float(eps),
         float(scale), float(p), post, rms, bool(zero_centered_gamma), row_backend, fwd, bwd)
     return y, ln

@@ -198,3 +198,71 @@ def test_torch_compile_fullgraph_of_the_wrapped_layer(kind):
     torch.testing.assert_close(results["triton"][0], results["eager"][0], **TOL)
     for got, want in zip(results["triton"][1], results["eager"][1], strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("kind, skip_bias_add, kw", [("column", True, {}), ("row", False, {}),
+                                                     ("linear", False, {}),
+                                                     ("lncol", False, {"normalization": "RMSNorm"}),
+                                                     ("te", True, {})])
+def test_cublas_strategy_equals_eager(kind, skip_bias_add, kw, monkeypatch):
+    """The wrapper's requested GEMM strategy (``kernel_gemm``, read by the fused path) reaches
+    the op: with 'cublas' every base gives the eager module's values and gradients."""
+    import importlib
+
+    gs = importlib.import_module("bridge.kernels.gemm_strategy")
+    calls = []
+    real = gs.launch_expand
+    monkeypatch.setattr(gs, "launch_expand", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(gs.ENV_GEMM, raising=False)
+    eager = run(kind, "eager", skip_bias_add, **kw)
+    from bridge.peft.fused_forward import fused_lora_forward as real_forward
+
+    def with_cublas(wrapper, *args):
+        wrapper.kernel_gemm = "cublas"
+        return real_forward(wrapper, *args)
+
+    monkeypatch.setattr("bridge.peft.fused_forward.fused_lora_forward", with_cublas)
+    fused = run(kind, "triton", skip_bias_add, **kw)
+    assert len(calls) == 2  # P in the forward, Q in the backward
+    for key, ref in eager.items():
+        if isinstance(ref, torch.Tensor):
+            torch.testing.assert_close(fused[key].detach(), ref.detach(), **TOL, msg=key)
+
+
+def test_fused_path_decision_is_made_once_per_key(monkeypatch):
+    """The fused-path decision (constraints, base kind, backend, argument checks) is taken on
+    the first call of a key and kept on the wrapper; a change of training mode, requested
+    strategy or environment makes a new one."""
+    from bridge.peft import fused_forward
+    from bridge.peft.lora import LoRA
+
+    built = []
+    real = fused_forward.fused_constraints
+    monkeypatch.setattr(fused_forward, "fused_constraints",
+                        lambda *a: built.append(1) or real(*a))
+    model = nn.Module()
+    model.proj = build("column", False)
+    LoRA(target_modules=["proj"], dim=R, kernel_backend="triton")(model)
+    wrapper = model.proj
+    x = torch.randn(3, 2, K)
+    with torch.no_grad():
+        wrapper(x)
+        wrapper(x)
+        wrapper(torch.randn(5, K))  # another M: the same decision
+        assert len(built) == 1
+        plan = fused_forward.fused_plan(wrapper)
+        assert (plan.kind, plan.backend, plan.gemm, plan.tp) == ("column", "triton", "auto", 1)
+        wrapper.eval()
+        wrapper(x)
+        wrapper.kernel_gemm = "cublas"
+        wrapper(x)
+        assert fused_forward.fused_plan(wrapper).gemm == "cublas"
+        wrapper.kernel_backend = "auto"  # then the environment decides
+        wrapper(x)
+        monkeypatch.setenv("BRIDGE_KERNEL_BACKEND", "eager")
+        assert fused_forward.fused_lora_forward(wrapper, x, (), {}) is None
+        assert len(built) == 5
+        assert "requested by BRIDGE_KERNEL_BACKEND" in fused_forward.fused_plan(wrapper).reason
+        with pytest.raises(ValueError, match="in_features disagree"):
+            monkeypatch.delenv("BRIDGE_KERNEL_BACKEND")
+            wrapper(torch.randn(3, K + 1))  # a new key, checked before any kernel runs

@@ -18,12 +18,21 @@ communication arranged so that the fused op sees whole low-rank factors:
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from bridge.kernels._checks import check_dropout, check_lora_args, check_norm_args
+from bridge.kernels.backend import ENV_VAR as BACKEND_ENV
 from bridge.kernels.backend import BackendChoice, resolve_backend
+from bridge.kernels.gemm_strategy import ENV_GEMM, requested_gemm
+from bridge.kernels.lora_linear import lora_linear_fused
+from bridge.kernels.norm_lora import norm_lora_linear_fused
 
-__all__ = ["base_kind", "fused_constraints", "fused_lora_forward"]
+__all__ = ["FusedPlan", "base_kind", "forget_fused_plan", "fused_constraints",
+           "fused_lora_forward", "fused_plan"]
 
 
 def _megatron_linear_types():
@@ -103,8 +112,44 @@ def _choose(wrapper, x, constraints, kind) -> BackendChoice:
                            constraints=constraints)
 
 
-def fused_lora_forward(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
-    """The wrapper's output through the fused op, or None to take the eager module path."""
+# ---- the decision, once per module and key ------------------------------------------------------
+# A model calls each LoRA module four times per layer and micro-batch (forward and backward), and
+# the host must stay ahead of the GPU: the decision (constraint checks with formatted reasons,
+# base_kind, the backend probes, the argument checks of the op) is taken once per key below and
+# kept on the wrapper; a call then compares one tuple and runs. What the key leaves out are base
+# attributes set at construction (skip_bias_add, sequence_parallel, gather_output,
+# input_is_parallel, the norm settings, the TP group, the fields of its config, which the key
+# holds by identity): change those in place and call forget_fused_plan.
+
+_PLAN_ATTR = "_bridge_fused_plan"
+_ENV = (BACKEND_ENV, ENV_GEMM, "TRITON_INTERPRET")
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """What a wrapper's next calls with the same key do: the backend ('eager' = the module path)
+    and why, the requested GEMM strategy (after ``BRIDGE_LORA_GEMM``), and the call layout."""
+
+    key: tuple
+    kind: str | None  # norm | column | row | linear | None (eager)
+    backend: str  # cuda | triton | eager
+    reason: str  # why eager (or what fell back), "" when nothing did
+    gemm: str  # auto | fused | cublas
+    tp: int
+    skip_bias_add: bool
+
+
+def _plan_key(wrapper, base, adapter, x, a, b, has_args: bool) -> tuple:
+    weight = getattr(base, "weight", None)
+    tensors = tuple((t.dtype, t.device, t.shape, t.requires_grad) if isinstance(t, torch.Tensor)
+                    else None for t in (weight, a, b))
+    return (x.device, x.dtype, x.shape[-1], wrapper.training,
+            torch.is_autocast_enabled(x.device.type), wrapper.kernel_backend,
+            getattr(wrapper, "kernel_gemm", "auto"), tuple(map(os.environ.get, _ENV)),
+            has_args, id(base), id(adapter), id(getattr(base, "config", None)), tensors)
+
+
+def _make_plan(wrapper, x, args, kwargs, key) -> FusedPlan:
     base, adapter = wrapper.to_wrap, wrapper.adapter
     constraints = fused_constraints(wrapper, args, kwargs)
     weight = getattr(base, "weight", None)
@@ -113,22 +158,84 @@ def fused_lora_forward(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs:
                             f"input is {x.dtype} and the base weight {weight.dtype} (autocast?): "
                             "the fused path runs in one dtype"))
     kind, _ = base_kind(base)
+    gemm = requested_gemm(getattr(wrapper, "kernel_gemm", "auto"))
     choice = _choose(wrapper, x, constraints, kind)
     if choice.name == "eager":
-        return None
-    common = dict(scale=adapter.scale, dropout=adapter.dropout_p,
-                  dropout_position=adapter.dropout_position, training=wrapper.training,
-                  backend=choice.name)
+        return FusedPlan(key, None, "eager", choice.reason, gemm, 1, False)
     a, b = adapter.linear_in.weight, adapter.linear_out.weight
-    if kind == "linear":  # plain nn.Linear: bare tensor out
-        from bridge.kernels.lora_linear import lora_linear
+    bias = getattr(base, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) and bias.numel() else None
+    tp = _tp(base)[1]
+    _check_args(base, kind, x, bias, a, b, tp)
+    check_dropout(adapter.dropout_p, adapter.dropout_position)
+    skip = bool(getattr(base, "skip_bias_add", getattr(base, "te_return_bias", False)))
+    return FusedPlan(key, kind, choice.name, choice.reason, gemm, tp, skip)
 
-        wrapper._return_bare_tensor = True
-        return lora_linear(x, base.weight, base.bias, a, b, **common)
-    wrapper._return_bare_tensor = False
+
+def _check_args(base, kind, x, bias, a, b, tp: int) -> None:
+    """The op's argument checks, once per plan, on the shapes the op will see after the TP
+    communication (the key holds every shape they read): column bases gather A over r, row
+    bases B over N (and split x on K when their input is not parallel)."""
+    whole = lambda t, dim: t.new_empty((1, 1)).expand(  # noqa: E731  (shape only, no copy)
+        *(s * tp if d == dim else s for d, s in enumerate(t.shape)))
     if kind == "row":
-        return _row_parallel(base, adapter, x, a, b, common, wrapper.training)
-    return _column_parallel(base, x, a, b, common, norm=kind == "norm")
+        k = base.weight.shape[1]
+        k_in = k * tp if tp > 1 and not base.input_is_parallel else k
+        if x.shape[-1] != k_in:
+            raise ValueError(f"{type(base).__name__}: x has {x.shape[-1]} features, the base "
+                             f"takes {k_in} (tensor-parallel size {tp})")
+        check_lora_args(x[..., :k], base.weight, None, a, whole(b, 0) if tp > 1 else b)
+        return
+    check_lora_args(x, base.weight, bias, whole(a, 0) if tp > 1 else a, b)
+    if kind == "norm":
+        check_norm_args(base.normalization, float(base.eps), base.layer_norm_weight,
+                        getattr(base, "layer_norm_bias", None), x.shape[-1])
+
+
+def fused_plan(wrapper: nn.Module) -> FusedPlan | None:
+    """The plan of the wrapper's last eager-mode call (None before the first): for reports."""
+    return wrapper.__dict__.get(_PLAN_ATTR)
+
+
+def forget_fused_plan(wrapper: nn.Module) -> None:
+    """Drop the wrapper's plan: the next call decides again (after changing base attributes)."""
+    wrapper.__dict__.pop(_PLAN_ATTR, None)
+
+
+def _factors(adapter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    a = getattr(getattr(adapter, "linear_in", None), "weight", None)
+    return a, getattr(getattr(adapter, "linear_out", None), "weight", None)
+
+
+def _plan(wrapper, base, adapter, x, a, b, args, kwargs) -> FusedPlan:
+    if torch.compiler.is_compiling():  # traced once per graph: nothing to save, keep no state
+        return _make_plan(wrapper, x, args, kwargs, ())
+    key = _plan_key(wrapper, base, adapter, x, a, b, bool(args or kwargs))
+    plan = wrapper.__dict__.get(_PLAN_ATTR)
+    if plan is None or plan.key != key:
+        plan = _make_plan(wrapper, x, args, kwargs, key)
+        wrapper.__dict__[_PLAN_ATTR] = plan  # a plain attribute: no nn.Module bookkeeping
+    return plan
+
+
+def fused_lora_forward(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
+    """The wrapper's output through the fused op, or None to take the eager module path."""
+    base, adapter = wrapper.to_wrap, wrapper.adapter
+    a, b = _factors(adapter)
+    plan = _plan(wrapper, base, adapter, x, a, b, args, kwargs)
+    if plan.backend == "eager":
+        return None
+    p = adapter.dropout_p if wrapper.training else 0.0
+    common = dict(scale=adapter.scale, p=float(p), post=adapter.dropout_position == "post",
+                  gemm=plan.gemm)
+    bare = plan.kind == "linear"  # plain nn.Linear: bare tensor out
+    if wrapper._return_bare_tensor is not bare:  # nn.Module.__setattr__ is slow: only on change
+        wrapper._return_bare_tensor = bare
+    if bare:
+        return lora_linear_fused(x, base.weight, base.bias, a, b, **common)
+    if plan.kind == "row":
+        return _row_parallel(base, adapter, x, a, b, common, plan)
+    return _column_parallel(base, x, a, b, common, plan)
 
 
 def _tp(base) -> tuple[object, int]:
@@ -136,63 +243,67 @@ def _tp(base) -> tuple[object, int]:
     return group, (torch.distributed.get_world_size(group) if group is not None else 1)
 
 
-def _column_parallel(base, x, a, b, common, *, norm: bool):
-    from megatron.core.tensor_parallel import mappings
-
-    group, tp = _tp(base)
-    skip = bool(getattr(base, "skip_bias_add", getattr(base, "te_return_bias", False)))
+def _column_parallel(base, x, a, b, common, plan: FusedPlan):
+    group, tp = getattr(base, "tp_group", None), plan.tp
+    norm = plan.kind == "norm"
     bias = getattr(base, "bias", None)
     if isinstance(bias, torch.Tensor) and bias.numel() == 0:  # TE keeps an empty bias
         bias = None
-    norm_params = (getattr(base, "layer_norm_weight", None), getattr(base, "layer_norm_bias", None))
-    if getattr(base, "sequence_parallel", False):
-        x = mappings.gather_from_sequence_parallel_region(x, group=group)
-    elif tp > 1:
-        x = mappings.copy_to_tensor_model_parallel_region(x, group=group)
-        if norm:
-            norm_params = tuple(
-                None if p is None else mappings.copy_to_tensor_model_parallel_region(p, group=group)
-                for p in norm_params
-            )
-    if tp > 1:
-        a = mappings.gather_from_sequence_parallel_region(
-            a, tensor_parallel_output_grad=True, group=group)
+    norm_params = (getattr(base, "layer_norm_weight", None), getattr(base, "layer_norm_bias", None)) \
+        if norm else ()
+    if tp > 1 or getattr(base, "sequence_parallel", False):
+        from megatron.core.tensor_parallel import mappings
+
+        if getattr(base, "sequence_parallel", False):
+            x = mappings.gather_from_sequence_parallel_region(x, group=group)
+        else:
+            x = mappings.copy_to_tensor_model_parallel_region(x, group=group)
+            if norm:
+                norm_params = tuple(
+                    None if t is None else mappings.copy_to_tensor_model_parallel_region(
+                        t, group=group) for t in norm_params)
+        if tp > 1:
+            a = mappings.gather_from_sequence_parallel_region(
+                a, tensor_parallel_output_grad=True, group=group)
+    gemm_group = group if tp > 1 else None
+    y_bias = None if plan.skip_bias_add else bias
     if norm:
-        from bridge.kernels.norm_lora import norm_lora_linear
-
-        y = norm_lora_linear(
-            x, norm_params[0], norm_params[1], base.weight, bias, a, b,
-            normalization=base.normalization, eps=float(base.eps),
+        y, _ = norm_lora_linear_fused(
+            x, norm_params[0], norm_params[1], base.weight, y_bias, a, b,
+            row_backend=plan.backend, rms=base.normalization == "RMSNorm", eps=float(base.eps),
             zero_centered_gamma=bool(getattr(base, "zero_centered_gamma", False)),
-            skip_bias_add=skip, **common)
+            gemm_group=gemm_group, **common)
     else:
-        from bridge.kernels.lora_linear import lora_linear
-
-        y = lora_linear(x, base.weight, bias, a, b, skip_bias_add=skip, **common)
+        y = lora_linear_fused(x, base.weight, y_bias, a, b, gemm_group=gemm_group, **common)
     if getattr(base, "gather_output", False) and tp > 1:
+        from megatron.core.tensor_parallel import mappings
+
         y = mappings.gather_from_tensor_model_parallel_region(y, group=group)
-    return y, (bias if skip else None)
+    return y, (bias if plan.skip_bias_add else None)
 
 
-def _row_parallel(base, adapter, x, a, b, common, training: bool):
-    from megatron.core.tensor_parallel import mappings
-
-    from bridge.kernels.lora_linear import lora_linear
-
-    group, tp = _tp(base)
-    if not base.input_is_parallel and tp > 1:
-        x = mappings.scatter_to_tensor_model_parallel_region(x, group=group)
+def _row_parallel(base, adapter, x, a, b, common, plan: FusedPlan):
+    group, tp = getattr(base, "tp_group", None), plan.tp
+    seed = None
     if tp > 1:
+        from megatron.core.tensor_parallel import mappings
+
+        if not base.input_is_parallel:
+            x = mappings.scatter_to_tensor_model_parallel_region(x, group=group)
         b = mappings.gather_from_sequence_parallel_region(
             b, tensor_parallel_output_grad=True, group=group)
-    seed = None
-    if adapter.dropout_p > 0 and adapter.dropout_position == "pre" and training and tp > 1:
-        # x is split on K: each rank drops different features, so each needs its own stream.
-        seed = int(torch.randint(0, 2**30, (1,)).item()) + torch.distributed.get_rank(group)
-    y = lora_linear(x, base.weight, None, a, b, skip_bias_add=True, seed=seed, **common)
+        if common["p"] > 0 and not common["post"]:
+            # x is split on K: each rank drops different features, so each needs its own stream.
+            seed = int(torch.randint(0, 2**30, (1,)).item()) + torch.distributed.get_rank(group)
+    y = lora_linear_fused(x, base.weight, None, a, b, seed=seed,
+                          gemm_group=group if tp > 1 else None, **common)
     if base.sequence_parallel:
+        from megatron.core.tensor_parallel import mappings
+
         y = mappings.reduce_scatter_to_sequence_parallel_region(y, group=group)
     elif tp > 1:
+        from megatron.core.tensor_parallel import mappings
+
         y = mappings.reduce_from_tensor_model_parallel_region(y, group=group)
     if base.bias is not None and not base.skip_bias_add:
         return y + base.bias, None
