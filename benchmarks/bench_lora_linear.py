@@ -1,5 +1,6 @@
 """Benchmarks of the fused LoRA linear (y = x W^T + b + s B(A(dropout(x)))) against the frozen
-base, our eager path, Hugging Face PEFT, torch.compile and the fused Triton op."""
+base, our eager path, Hugging Face PEFT, torch.compile and the fused Triton op in each GEMM
+strategy (fused, cublas, auto)."""
 
 import pytest
 

@@ -1,6 +1,7 @@
 """Benchmarks of the norm-fused LoRA linear (ln = RMSNorm(x); y = ln W^T + b + s B(A(dropout(ln))))
 against the norm followed by the frozen base, our eager path, the norm followed by Hugging Face
-PEFT, torch.compile, and the fused Triton and CUDA ops."""
+PEFT, torch.compile, and the fused Triton and CUDA ops in each GEMM strategy (fused, cublas,
+auto)."""
 
 import pytest
 

@@ -1,8 +1,10 @@
 """What gets measured: the benchmark cases (op, shape, dropout, dtype, device), the grids that fit
 each machine, the providers per op and the order in which pytest runs them.
 
-One ``Case`` is one problem; one test is (case, provider, mode). Tests are ordered case by case
-(headline shape first) so that a time budget that cuts the run short leaves whole shape groups.
+One ``Case`` is one problem; one test is (case, provider, gemm, mode), ``gemm`` being the GEMM
+strategy of a fused provider (fused | cublas | auto; empty for the others). Tests are ordered case
+by case (headline shape first) so that a time budget that cuts the run short leaves whole shape
+groups.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ PROVIDERS = {
 }
 BASELINE = "frozen"
 FUSED = ("triton", "cuda")
+# GEMM strategies each fused provider runs with (kernels/gemm_strategy.py); "auto" is the product
+AUTO = "auto"
+GEMMS = ("fused", "cublas", AUTO)
 ALPHA = 32.0  # LoRA alpha; scale = ALPHA / r (Megatron-Bridge's default alpha)
 NORM = "RMSNorm"  # the norm in front of the norm-fused op (the grid's shapes are Llama's)
 NORM_EPS = 1e-5
@@ -70,6 +75,7 @@ class Grid:
     providers: dict[str, tuple[str, ...]]
     modes: tuple[str, ...] = MODES
     timed: bool = True  # False under the Triton interpreter: correctness and saved bytes only
+    gemms: tuple[str, ...] = GEMMS  # strategies of the fused providers
 
     def compile_runs(self, case: Case) -> tuple[bool, str]:
         """torch.compile is slow to build; the grids include it at a few cases only."""
@@ -116,20 +122,28 @@ def make_grid(name: str | None = None) -> Grid:
         # Triton kernels in the CPU interpreter: checked on a tiny shape against the reference and
         # their saved-for-backward bytes counted at the CPU grid's shape. Not timed.
         cases = [c for op in OPS for c in _cases(op, [CPU_SHAPE], PS, torch.float32, "cpu")]
+        # auto is the rule there (fused): not a third strategy to check
         return Grid(name, tuple(cases), {"lora_linear": ("triton",), "norm_lora": FUSED},
-                    modes=("forward",), timed=False)
+                    modes=("forward",), timed=False, gemms=("fused", "cublas"))
     if name == "tiny":  # the harness's own tests: seconds, not minutes
         cases = [c for op in OPS for c in _cases(op, [(64, 96, 80, 8)], PS, torch.float32, "cpu")]
         return Grid(name, tuple(cases), {op: ("frozen", "eager", "peft") for op in OPS})
     raise ValueError(f"unknown grid {name!r}; expected cpu, gpu, interp or tiny")
 
 
-def grid_params(grid: Grid, op: str) -> list[tuple[Case, str, str]]:
-    """(case, provider, mode) triples of one op, in run order: case by case, then provider."""
-    return [(c, prov, mode) for c in grid.cases if c.op == op
-            for prov in grid.providers[op] for mode in grid.modes]
+def grid_params(grid: Grid, op: str) -> list[tuple[Case, str, str, str]]:
+    """(case, provider, gemm, mode) of one op, in run order: case by case, then provider (each
+    fused provider once per GEMM strategy of the grid; gemm "" for the others)."""
+    return [(c, prov, gemm, mode) for c in grid.cases if c.op == op
+            for prov in grid.providers[op]
+            for gemm in (grid.gemms if prov in FUSED else ("",)) for mode in grid.modes]
 
 
-def param_id(param: tuple[Case, str, str]) -> str:
-    case, prov, mode = param
-    return f"{case.id.removeprefix(case.op + '-')}/{prov}/{mode}"
+def label(provider: str, gemm: str | None) -> str:
+    """How tables name a provider: ``triton:auto`` for a fused one, the name for the others."""
+    return f"{provider}:{gemm}" if gemm else provider
+
+
+def param_id(param: tuple[Case, str, str, str]) -> str:
+    case, prov, gemm, mode = param
+    return f"{case.id.removeprefix(case.op + '-')}/{label(prov, gemm)}/{mode}"

@@ -1,6 +1,7 @@
 """pytest plumbing of the benchmark modules: the grid, the measured machine rates, the ``bench``
-fixture that measures one (case, provider, mode) through pytest-benchmark, the time budget, and
-the CSV written when the session ends (to ``$BENCH_CSV``)."""
+fixture that checks and measures one (case, provider, gemm, mode) with the shared timer
+(kernels/_timing.py: CUDA events and an L2 flush on a GPU), the time budget, and the CSV written
+when the session ends (to ``$BENCH_CSV``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from benchmarks import roofline
 from benchmarks.cases import BUDGET_ENV, Case, make_grid
 from benchmarks.measure import Skip, environment, measure
-from benchmarks.providers import PROVIDERS
+from benchmarks.providers import provider as get_provider
 from benchmarks.results import write_csv
 
 CSV_ENV = "BENCH_CSV"
@@ -50,47 +51,38 @@ def rates(grid):
     return measured
 
 
-def _row_stub(case: Case, provider: str, mode: str, note: str) -> dict:
-    return {"op": case.op, "provider": provider, "mode": mode, "M": case.M, "K": case.K,
-            "N": case.N, "r": case.r, "p": case.p, "dtype": case.dtype_name, "note": note,
-            **environment()}
+def _row_stub(case: Case, provider: str, gemm: str, mode: str, note: str) -> dict:
+    return {"op": case.op, "provider": provider, "gemm": gemm or None, "mode": mode, "M": case.M,
+            "K": case.K, "N": case.N, "r": case.r, "p": case.p, "dtype": case.dtype_name,
+            "note": note, **environment()}
 
 
 @pytest.fixture
-def bench(request, grid, rates):
-    """``bench(case, provider, mode)``: check, then measure and record one row (or skip)."""
+def bench(grid, rates):
+    """``bench(case, provider, gemm, mode)``: check, then measure and record one row (or
+    skip)."""
 
-    def run(case: Case, provider: str, mode: str) -> dict:
+    def run(case: Case, provider: str, gemm: str, mode: str) -> dict:
         budget = float(os.environ.get(BUDGET_ENV, "0") or 0)
         start = _START.setdefault(case.op, time.monotonic())
+        name = f"{provider}:{gemm}" if gemm else provider
         if budget and time.monotonic() - start > budget:
             pytest.skip(f"time budget of {budget:.0f} s for {case.op} spent")
-        ok, reason = PROVIDERS[provider].probe(case)
+        ok, reason = get_provider(provider, gemm).probe(case)
         if ok and provider == "compile":
             ok, reason = grid.compile_runs(case)
-        if not ok:  # before the benchmark fixture is requested: pytest-benchmark warns otherwise
-            ROWS.append(_row_stub(case, provider, mode, f"skipped: {reason}"))
-            pytest.skip(f"{provider}: {reason}")
-        timer = None
-        if grid.timed:
-            benchmark = request.getfixturevalue("benchmark")
-            benchmark.group = f"{case.id} {mode}"
-
-            def timer(target, setup=None, rounds=1, iterations=1, warmup=0):
-                benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=iterations,
-                                   warmup_rounds=warmup)
-                return list(benchmark.stats.stats.data)
+        if not ok:
+            ROWS.append(_row_stub(case, provider, gemm, mode, f"skipped: {reason}"))
+            pytest.skip(f"{name}: {reason}")
         try:
-            row = measure(case, provider, mode, rates=rates, timer=timer)
+            row = measure(case, provider, mode, rates=rates, timed=grid.timed, gemm=gemm)
         except Skip as exc:
-            ROWS.append(_row_stub(case, provider, mode, f"skipped: {exc}"))
-            pytest.skip(f"{provider}: {exc}")
+            ROWS.append(_row_stub(case, provider, gemm, mode, f"skipped: {exc}"))
+            pytest.skip(f"{name}: {exc}")
         except AssertionError as exc:
-            ROWS.append(_row_stub(case, provider, mode, f"FAILED check: {exc}"))
+            ROWS.append(_row_stub(case, provider, gemm, mode, f"FAILED check: {exc}"))
             raise
         ROWS.append(row)
-        if grid.timed:
-            benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
         return row
 
     return run

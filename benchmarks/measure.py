@@ -11,19 +11,18 @@ drew; the same seed, with random weights loaded, is compared with the reference 
 from __future__ import annotations
 
 import datetime
-import math
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from bridge.kernels import lora_linear_ref, norm_lora_linear_ref
+from bridge.kernels._timing import Budget, bench
 
 from benchmarks import roofline
 from benchmarks.cases import NORM, NORM_EPS, Case
-from benchmarks.providers import PROVIDERS, Provider, Runner, Tensors, make_tensors
+from benchmarks.providers import Provider, Runner, Tensors, make_tensors, provider
 
 SEED = 1234
 # Relative-error tolerance (||out - ref|| / ||ref||, against fp64) per dtype. fp32 on a GPU allows
@@ -178,7 +177,7 @@ def peak_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = No
     """Peak GPU memory ``fn`` allocates above what was allocated when it started (None on CPU)."""
     if not torch.cuda.is_available():
         return None
-    args = setup()[0] if setup else ()
+    args = setup() if setup else ()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -189,50 +188,16 @@ def peak_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = No
 
 
 # ---- timing ------------------------------------------------------------------------------------
-# A timer runs ``target`` (after ``setup`` when given, untimed) and returns per-call seconds.
-Timer = Callable[..., list[float]]
+# One timer for the benchmarks and the GEMM-strategy chooser (kernels/_timing.py): CUDA events
+# with the L2 flushed before every rep on a GPU, the host clock on a CPU; median, p20, p80.
 
 
-@dataclass(frozen=True)
-class Policy:
-    """How long to time each measurement: rounds = target_s / round time, clamped."""
-
-    target_s: float
-    min_rounds: int
-    max_rounds: int
-    warmup: int
-    min_round_s: float  # iterations per round grow until a round lasts this long (sync overhead)
-
-    @staticmethod
-    def for_device(device: str) -> Policy:
-        if device == "cpu":
-            return Policy(target_s=1.0, min_rounds=7, max_rounds=30, warmup=1, min_round_s=0.0)
-        return Policy(target_s=0.15, min_rounds=10, max_rounds=100, warmup=2, min_round_s=2e-3)
-
-
-def plain_timer(device: str) -> Timer:
-    """A perf_counter timer that synchronizes the GPU at both ends of a round."""
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-
-    def run(target, setup=None, rounds=1, iterations=1, warmup=0) -> list[float]:
-        times = []
-        for i in range(warmup + rounds):
-            args = setup()[0] if setup else ()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(iterations):
-                target(*args)
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) / iterations)
-        return times
-    return run
-
-
-def cuda_sync_timer() -> float:
-    """``--benchmark-timer`` for pytest-benchmark on a GPU: wait for queued kernels, then read."""
-    torch.cuda.synchronize()
-    return time.perf_counter()
+def budget_for(device: str) -> Budget:
+    """How long each measurement runs: do_bench's 25 ms warm-up and 100 ms of reps on a GPU; on
+    a CPU a second of reps (each rep a loop of calls lasting >= 1 ms) on shared, noisy cores."""
+    if device == "cpu":
+        return Budget(warmup_ms=0.0, rep_ms=1000.0, min_reps=7, max_reps=30, flush=False)
+    return Budget(warmup_ms=25.0, rep_ms=100.0, min_reps=10, max_reps=200)
 
 
 def mode_callables(runner: Runner, mode: str, dy: torch.Tensor):
@@ -243,7 +208,7 @@ def mode_callables(runner: Runner, mode: str, dy: torch.Tensor):
     if mode == "fwd+bwd":
         return (lambda: torch.autograd.grad(runner.forward(), inputs, dy)), None
     if mode == "backward":
-        return (lambda y: torch.autograd.grad(y, inputs, dy)), (lambda: ((runner.forward(),), {}))
+        return (lambda y: torch.autograd.grad(y, inputs, dy)), (lambda: (runner.forward(),))
     raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -262,21 +227,21 @@ class _State:
 _STATE: dict[tuple[Case, str], _State] = {}
 
 
-def _prepare(case: Case, provider: Provider, small_check: bool) -> _State:
-    key = (case, provider.name)
+def _prepare(case: Case, prov: Provider, small_check: bool) -> _State:
+    key = (case, prov.name)
     if key in _STATE:
         return _STATE[key]
     _STATE.clear()  # tests run case by case: keep one provider's tensors alive at a time
     st = _STATE[key] = _State()
-    ok, reason = provider.probe(case)
+    ok, reason = prov.probe(case)
     if not ok:
         st.error = Skip(reason)
         return st
     try:
         t = make_tensors(case.op, case.M, case.K, case.N, case.r, case.scale, case.dtype,
                          case.device, seed=SEED)
-        runner = provider.build(case, t)
-        st.check_err = check(case, provider, runner, t, small=small_check)
+        runner = prov.build(case, t)
+        st.check_err = check(case, prov, runner, t, small=small_check)
         torch.manual_seed(SEED)
         st.saved, y = count_saved_bytes(runner.forward, runner.params)
         st.dy = torch.randn_like(y)
@@ -310,41 +275,35 @@ def environment() -> dict[str, str]:
 
 
 def measure(case: Case, provider_name: str, mode: str, *, rates: roofline.Rates | None,
-            timer: Timer | None, policy: Policy | None = None) -> dict:
-    """One CSV row. ``timer=None`` measures everything but time (the interpreter's rows).
+            timed: bool = True, gemm: str = "", budget: Budget | None = None) -> dict:
+    """One CSV row. ``timed=False`` measures everything but time (the interpreter's rows);
+    ``gemm``: the GEMM strategy of a fused provider.
 
     Raises ``Skip`` (cannot run here, with the reason) or the check's ``AssertionError``.
     """
-    provider = PROVIDERS[provider_name]
-    st = _prepare(case, provider, small_check=timer is None)
+    prov = provider(provider_name, gemm)
+    st = _prepare(case, prov, small_check=not timed)
     if st.error is not None:
         raise st.error
     runner = st.runner
     row = {
-        "op": case.op, "provider": provider_name, "mode": mode, "M": case.M, "K": case.K,
-        "N": case.N, "r": case.r, "p": case.p, "dtype": case.dtype_name,
-        "saved_bytes": st.saved.without_params, "saved_bytes_with_params": st.saved.with_params,
-        "check_err": st.check_err, "note": "", **environment(),
+        "op": case.op, "provider": provider_name, "gemm": gemm or None, "mode": mode,
+        "M": case.M, "K": case.K, "N": case.N, "r": case.r, "p": case.p,
+        "dtype": case.dtype_name, "saved_bytes": st.saved.without_params,
+        "saved_bytes_with_params": st.saved.with_params, "check_err": st.check_err, "note": "",
+        **environment(),
     }
     target, setup = mode_callables(runner, mode, st.dy)
-    if timer is None:
+    if not timed:
         row["note"] = "interpreted: not timed"
         return row
-    policy = policy or Policy.for_device(case.device)
     row["peak_mem_bytes"] = peak_bytes(target, setup)
-    # estimate one call, then size rounds and iterations from it
-    once = plain_timer(case.device)(target, setup=setup, rounds=1, warmup=1)[0]
-    iterations = 1 if setup else max(1, math.ceil(policy.min_round_s / max(once, 1e-9)))
-    rounds = int(min(policy.max_rounds, max(policy.min_rounds,
-                                            policy.target_s // max(once * iterations, 1e-9))))
-    times = np.asarray(timer(target, setup=setup, rounds=rounds, iterations=iterations,
-                             warmup=policy.warmup))
-    median = float(np.median(times))
-    row.update(median_ms=median * 1e3, p20_ms=float(np.percentile(times, 20)) * 1e3,
-               p80_ms=float(np.percentile(times, 80)) * 1e3, rounds=len(times))
+    t = bench(target, case.device, setup=setup, budget=budget or budget_for(case.device))
+    median = t.median_ms / 1e3
+    row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, rounds=t.reps)
     norm = NORM if case.op == "norm_lora" else None
     w = roofline.work(case.op, mode, case.M, case.K, case.N, case.r, case.dtype.itemsize,
-                      lora=provider.lora, norm=norm)
+                      lora=prov.lora, norm=norm)
     row.update(tflops=w.flops / median / 1e12, gbps=w.bytes / median / 1e9)
     if rates is not None:
         floor = roofline.floor_seconds(w, rates)
@@ -354,29 +313,28 @@ def measure(case: Case, provider_name: str, mode: str, *, rates: roofline.Rates 
 
 def paired_ratio(case: Case, a: str, b: str, mode: str, rounds: int = 15) -> tuple[float, ...]:
     """time(a) / time(b) from ``rounds`` back-to-back pairs in alternating order: robust to the
-    load drifting on shared cores, which shifts whole pytest-benchmark tests against each other.
-    Both providers are checked first. Returns (median, p20, p80) of the per-pair ratios."""
+    load drifting on shared cores, which shifts whole tests against each other. Both providers
+    are checked first. Returns (median, p20, p80) of the per-pair ratios."""
     t = make_tensors(case.op, case.M, case.K, case.N, case.r, case.scale, case.dtype,
                      case.device, seed=SEED)
     calls = []
     for name in (a, b):
-        provider = PROVIDERS[name]
-        ok, reason = provider.probe(case)
+        prov = provider(name)
+        ok, reason = prov.probe(case)
         if not ok:
             raise Skip(reason)
-        runner = provider.build(case, t)
-        check(case, provider, runner, t)
+        runner = prov.build(case, t)
+        check(case, prov, runner, t)
         y = runner.forward()
         target, setup = mode_callables(runner, mode, torch.randn_like(y))
         del y
         calls.append((target, setup))
-    clock = plain_timer(case.device)
-    for target, setup in calls:  # warm up
-        clock(target, setup=setup, rounds=1)
+    one = Budget(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1, flush=True)
+    clock = lambda j: bench(calls[j][0], case.device, setup=calls[j][1], budget=one).median_ms
     ratios = []
     for i in range(rounds):
         order = (0, 1) if i % 2 == 0 else (1, 0)
-        times = {j: clock(calls[j][0], setup=calls[j][1], rounds=1)[0] for j in order}
+        times = {j: clock(j) for j in order}
         ratios.append(times[0] / times[1])
     arr = np.asarray(ratios)
     return float(np.median(arr)), float(np.percentile(arr, 20)), float(np.percentile(arr, 80))

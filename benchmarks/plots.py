@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.cases import BASELINE, MODES, PROVIDERS  # noqa: E402
-from benchmarks.results import read_csv  # noqa: E402
+from benchmarks.results import providers_of, read_csv, row_label  # noqa: E402
 
 
 def _shape(row: dict) -> str:
@@ -50,14 +50,15 @@ def plot_all(csv_path, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     device = rows[0]["device"] if rows else ""
-    for op, providers in PROVIDERS.items():
+    for op in PROVIDERS:
+        providers = providers_of(op)
         for mode in MODES:
             times: dict[str, dict[str, float]] = defaultdict(dict)
             spread: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
             for row in rows:
                 if row["op"] == op and row["mode"] == mode and row["median_ms"] is not None:
-                    times[_shape(row)][row["provider"]] = row["median_ms"]
-                    spread[_shape(row)][row["provider"]] = (row["p20_ms"], row["p80_ms"])
+                    times[_shape(row)][row_label(row)] = row["median_ms"]
+                    spread[_shape(row)][row_label(row)] = (row["p20_ms"], row["p80_ms"])
             rel = {s: {p: t / v[BASELINE] for p, t in v.items()} for s, v in times.items()
                    if v.get(BASELINE)}
             err = {s: {p: (lo / times[s][BASELINE], hi / times[s][BASELINE])
@@ -79,8 +80,8 @@ def plot_all(csv_path, out_dir) -> list[Path]:
                                                          "with weights": defaultdict(dict)}
         for row in rows:
             if row["op"] == op and row["saved_bytes"] is not None:
-                saved["weights aside"][_shape(row)][row["provider"]] = row["saved_bytes"] / 2**20
-                saved["with weights"][_shape(row)][row["provider"]] = \
+                saved["weights aside"][_shape(row)][row_label(row)] = row["saved_bytes"] / 2**20
+                saved["with weights"][_shape(row)][row_label(row)] = \
                     row["saved_bytes_with_params"] / 2**20
         if not saved["weights aside"]:
             continue

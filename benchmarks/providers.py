@@ -9,6 +9,9 @@
     triton   the fused Triton op (bridge.kernels, backend='triton')
     cuda     the fused CUDA op from bridge._C (norm_lora only)
 
+The fused providers run once per GEMM strategy (``gemm``: fused | cublas | auto, passed to the
+op); ``provider(name, gemm)`` returns the provider for one, named ``triton:cublas`` and so on.
+
 A provider's ``probe`` says whether it can run here (and why not); ``build`` returns a ``Runner``
 whose ``forward()`` is the training-mode forward. Every provider gets copies of the same tensors,
 so outputs are comparable with the reference.
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from bridge.kernels import backend as kbackend
 from torch import nn
 
-from benchmarks.cases import NORM, NORM_EPS, Case
+from benchmarks.cases import FUSED, NORM, NORM_EPS, Case, label
 
 
 @dataclass
@@ -158,7 +161,7 @@ def _build_eager(case: Case, t: Tensors) -> Runner:
 
 
 # ---- fused (and the functional eager of the norm op) -------------------------------------------
-def _build_functional(case: Case, t: Tensors, backend: str) -> Runner:
+def _build_functional(case: Case, t: Tensors, backend: str, gemm: str = "auto") -> Runner:
     from bridge.kernels import lora_linear, norm_lora_linear
 
     slots = _copies(t, ("weight", "bias", "norm_weight"))
@@ -166,11 +169,11 @@ def _build_functional(case: Case, t: Tensors, backend: str) -> Runner:
     w, bias, nw = slots["weight"], slots.get("bias"), slots.get("norm_weight")
     if case.op == "lora_linear":
         fwd = lambda: lora_linear(x, w, bias, a, bb, scale=t.scale, dropout=case.p, training=True,
-                                  backend=backend)
+                                  backend=backend, gemm=gemm)
     else:
         fwd = lambda: norm_lora_linear(x, nw, None, w, bias, a, bb, normalization=NORM,
                                        eps=NORM_EPS, scale=t.scale, dropout=case.p, training=True,
-                                       backend=backend)
+                                       backend=backend, gemm=gemm)
     return Runner(fwd, {"x": x, "lora_a": a, "lora_b": bb, **slots})
 
 
@@ -178,7 +181,8 @@ _OP_NAME = {"lora_linear": "lora_linear", "norm_lora": "norm_lora_row_fwd"}
 
 
 @functools.cache
-def _fused_probe(op: str, backend: str, device: str, dtype: torch.dtype) -> tuple[bool, str]:
+def _fused_probe(op: str, backend: str, gemm: str, device: str,
+                 dtype: torch.dtype) -> tuple[bool, str]:
     """The backend's own probe, then a smoke call on a tiny shape (a backend still being written
     raises NotImplementedError; one that crashes is reported, not timed)."""
     dev = torch.device(device)
@@ -190,7 +194,8 @@ def _fused_probe(op: str, backend: str, device: str, dtype: torch.dtype) -> tupl
         return False, reason
     case = Case(op, 4, 32, 16, 4, 0.0, dtype, device)
     try:
-        y = _build_functional(case, make_tensors(op, 4, 32, 16, 4, 1.0, dtype, device), backend)
+        y = _build_functional(case, make_tensors(op, 4, 32, 16, 4, 1.0, dtype, device), backend,
+                              gemm)
         y.forward()
     except NotImplementedError as exc:
         return False, f"not implemented yet ({exc})"
@@ -199,11 +204,11 @@ def _fused_probe(op: str, backend: str, device: str, dtype: torch.dtype) -> tupl
     return True, ""
 
 
-def _probe_fused(backend: str) -> Callable[[Case], tuple[bool, str]]:
+def _probe_fused(backend: str, gemm: str = "auto") -> Callable[[Case], tuple[bool, str]]:
     def probe(case: Case) -> tuple[bool, str]:
         if backend == "cuda" and case.op == "lora_linear":
             return False, "no CUDA C++ kernel for lora_linear (Triton only)"
-        ok, reason = _fused_probe(case.op, backend, case.device, case.dtype)
+        ok, reason = _fused_probe(case.op, backend, gemm, case.device, case.dtype)
         if not ok and backend == "triton" and reason == "no GPU":
             reason = ("no GPU: Triton runs only under TRITON_INTERPRET=1 here, for correctness "
                       "and saved bytes (rows marked 'interpreted: not timed')")
@@ -283,3 +288,11 @@ PROVIDERS: dict[str, Provider] = {
     "cuda": Provider("cuda", True, _probe_fused("cuda"),
                      lambda c, t: _build_functional(c, t, "cuda")),
 }
+
+
+def provider(name: str, gemm: str = "") -> Provider:
+    """The provider ``name``; a fused one with GEMM strategy ``gemm`` (named ``name:gemm``)."""
+    if name not in FUSED or not gemm:
+        return PROVIDERS[name]
+    return Provider(label(name, gemm), True, _probe_fused(name, gemm),
+                    lambda c, t: _build_functional(c, t, name, gemm))

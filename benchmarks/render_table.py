@@ -2,9 +2,10 @@
 
     python -m benchmarks.render_table [benchmarks/results/gpu-.../results.csv] [--out FILE]
 
-Per op and mode: one row per shape, one column per provider, "median ms (x frozen)", and the
-fused provider's fraction of the roofline floor; then saved-for-backward bytes and peak memory per
-provider, and the headline figures with their targets.
+Per op and mode: one row per shape, one column per provider (the fused ones per GEMM strategy:
+``triton:fused``, ``triton:cublas``, ``triton:auto``), "median ms (x frozen)", and auto's fraction
+of the roofline floor; then saved-for-backward bytes and peak memory per provider, and the
+headline figures with their targets.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.cases import BASELINE, FUSED, MODES, PROVIDERS
-from benchmarks.results import cpu_figures, gpu_figures, read_csv
+from benchmarks.cases import AUTO, BASELINE, FUSED, MODES, PROVIDERS, label
+from benchmarks.results import cpu_figures, gpu_figures, providers_of, read_csv, row_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,16 +52,18 @@ def render(rows: list[dict], rates: dict | None = None) -> str:
         value = "n/a" if f.value is None else f"{f.value:.3f}"
         verdict = {True: "meets", False: "misses", None: f.why}[f.met]
         lines.append(f"| {f.name} | {value} | {f.target} | {verdict} |")
-    for op, providers in PROVIDERS.items():
+    for op in PROVIDERS:
+        providers = providers_of(op)
         for mode in MODES:
             table: dict[str, dict[str, dict]] = defaultdict(dict)
             for r in rows:
                 if r["op"] == op and r["mode"] == mode and r["median_ms"] is not None:
-                    table[_shape(r)][r["provider"]] = r
+                    table[_shape(r)][row_label(r)] = r
             if not table:
                 continue
             present = [p for p in providers if any(p in v for v in table.values())]
-            fused = next((f for f in reversed(FUSED) if f in present), None)
+            fused = next((label(f, AUTO) for f in reversed(FUSED) if label(f, AUTO) in present),
+                         None)
             head = ("| shape | " + " | ".join(present)
                     + (f" | {fused} % of roofline |" if fused else " |"))
             lines += ["", f"**{op}, {mode}**: median ms (x {BASELINE})", "", head,
@@ -81,8 +84,8 @@ def render(rows: list[dict], rates: dict | None = None) -> str:
         mem: dict[str, dict[str, dict]] = defaultdict(dict)
         for r in rows:
             if r["op"] == op and r["saved_bytes"] is not None and r["mode"] != "backward":
-                if r["mode"] == "fwd+bwd" or r["provider"] not in mem[_shape(r)]:
-                    mem[_shape(r)][r["provider"]] = r
+                if r["mode"] == "fwd+bwd" or row_label(r) not in mem[_shape(r)]:
+                    mem[_shape(r)][row_label(r)] = r
         if mem:
             present = [p for p in providers if any(p in v for v in mem.values())]
             lines += ["", f"**{op}**: MiB saved for backward (weights aside) / peak MiB, fwd+bwd",
@@ -92,7 +95,14 @@ def render(rows: list[dict], rates: dict | None = None) -> str:
                 cells = [f"{_mib(provs[p]['saved_bytes'])} / {_mib(provs[p].get('peak_mem_bytes'))}"
                          if p in provs else "-" for p in present]
                 lines.append(f"| {shape} | " + " | ".join(cells) + " |")
-    skipped = sorted({(r["op"], r["provider"], r["note"]) for r in rows
+    host = [r for r in rows if r["mode"] == "host"]
+    if host:
+        lines += ["", "**host time per training forward** (CPU, tiny shape, kernel time out)", "",
+                  "| provider | us | note |", "|---|---|---|"]
+        lines += [f"| {row_label(r)} | "
+                  f"{'' if r['host_us'] is None else format(r['host_us'], '.1f')} | "
+                  f"{r['note'] or ''} |" for r in host]
+    skipped = sorted({(r["op"], row_label(r), r["note"]) for r in rows
                       if (r["note"] or "").startswith("skipped")})
     if skipped:
         lines += ["", "Skipped:"] + [f"- {op} / {prov}: {note[9:]}" for op, prov, note in skipped]

@@ -1,5 +1,9 @@
 """Rows in, files and figures out: the CSV schema, reading and writing, the ratios the summary
-prints (to the frozen linear and to eager) and the headline figures with their targets."""
+prints (to the frozen linear and to eager; frozen/auto and eager/auto per shape), the host-time
+rows, and the headline figures with their targets.
+
+A fused provider's rows carry their GEMM strategy in ``gemm``; tables name them
+``triton:fused``, ``triton:cublas``, ``triton:auto`` (cases.label)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from benchmarks.cases import BASELINE, FUSED, HEADLINE, MODES, PROVIDERS
+from benchmarks.cases import AUTO, BASELINE, FUSED, GEMMS, HEADLINE, MODES, PROVIDERS, label
 
 # (column, type); empty cells read back as None. Times in milliseconds, bandwidth in GB/s.
 COLUMNS: tuple[tuple[str, type], ...] = (
-    ("op", str), ("provider", str), ("mode", str),
+    ("op", str), ("provider", str), ("gemm", str), ("mode", str),
     ("M", int), ("K", int), ("N", int), ("r", int), ("p", float), ("dtype", str),
     ("median_ms", float), ("p20_ms", float), ("p80_ms", float), ("rounds", int),
+    ("host_us", float),
     ("tflops", float), ("gbps", float), ("roofline_frac", float), ("floor_ms", float),
     ("saved_bytes", int), ("saved_bytes_with_params", int), ("peak_mem_bytes", int),
     ("check_err", float), ("note", str),
@@ -45,13 +50,22 @@ def _key(row: dict) -> tuple:
     return tuple(row[k] for k in SHAPE_KEY)
 
 
+def row_label(row: dict) -> str:
+    return label(row["provider"], row.get("gemm"))
+
+
 def _timed(rows: Iterable[dict]) -> dict[tuple, dict[str, float]]:
-    """{(shape key..., mode): {provider: median_ms}} over timed rows."""
+    """{(shape key..., mode): {provider label: median_ms}} over timed rows."""
     out: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
         if row.get("median_ms") is not None:
-            out[(*_key(row), row["mode"])][row["provider"]] = row["median_ms"]
+            out[(*_key(row), row["mode"])][row_label(row)] = row["median_ms"]
     return out
+
+
+def providers_of(op: str) -> list[str]:
+    """Display order of the labels of ``op``: each fused provider once per strategy."""
+    return [label(p, g) for p in PROVIDERS[op] for g in (GEMMS if p in FUSED else ("",))]
 
 
 def ratios(rows: Iterable[dict], numerator: str, denominator: str, *, mode: str | None = None,
@@ -69,10 +83,15 @@ def geomean(xs: list[float]) -> float | None:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
-def _fused_name(rows: list[dict], op: str) -> str | None:
-    """The fused provider that ran for ``op`` (cuda preferred over triton when both did)."""
-    have = {r["provider"] for r in rows if r["op"] == op and r.get("median_ms") is not None}
-    return next((f for f in reversed(FUSED) if f in have), None)
+def _fused_name(rows: list[dict], op: str, gemm: str = AUTO) -> str | None:
+    """The label of the fused provider that ran for ``op`` with ``gemm`` (cuda preferred over
+    triton when both did)."""
+    have = {row_label(r) for r in rows if r["op"] == op and r.get("median_ms") is not None}
+    return next((label(f, gemm) for f in reversed(FUSED) if label(f, gemm) in have), None)
+
+
+def _per_shape(rows: list[dict], op: str, mode: str) -> dict[tuple, dict[str, float]]:
+    return {k: v for k, v in _timed(rows).items() if k[0] == op and k[-1] == mode}
 
 
 # ---- the headline figures ----------------------------------------------------------------------
@@ -111,9 +130,10 @@ def saved_ratio(rows: list[dict], p: float = 0.1, K: int = 1024, r: int = 16,  #
     for row in rows:
         if (row["op"], row["p"], row["K"], row["r"]) == (op, p, K, r) and \
                 row.get("saved_bytes") is not None:
-            by[(row["M"], row["N"], row["dtype"])][row["provider"]] = row["saved_bytes"]
+            by[(row["M"], row["N"], row["dtype"])][row_label(row)] = row["saved_bytes"]
     for provs in by.values():
-        fused = next((provs[f] for f in reversed(FUSED) if f in provs), None)
+        fused = next((v for f in reversed(FUSED) for g in GEMMS if (v := provs.get(label(f, g)))
+                      is not None), None)
         if fused is not None and provs.get("eager"):
             return Figure(name, fused / provs["eager"], target)
     return Figure(name, None, target, "no fused provider ran at this shape (see skips)")
@@ -133,47 +153,98 @@ def cpu_figures(rows: list[dict], skips: dict[str, str] | None = None,
     for p in (0.0, 0.1, None):
         xs = ratios(rows, "eager", "peft", mode="fwd+bwd",
                     where=lambda k, p=p: k[0] == "lora_linear" and (p is None or k[5] == p))
-        label = "all p" if p is None else f"p={p:g}"
+        which = "all p" if p is None else f"p={p:g}"
         val = statistics.median(xs) if xs else None
-        figs.append(Figure(f"eager / PEFT fwd+bwd time (lora_linear, {label}, median)", val,
+        figs.append(Figure(f"eager / PEFT fwd+bwd time (lora_linear, {which}, median)", val,
                            "<= 1.0", "" if xs else "eager or PEFT not timed"))
     for p, (med, lo, hi) in sorted((paired or {}).items()):
         figs.append(Figure(f"eager / PEFT fwd+bwd, alternating pairs (lora_linear, p={p:g})", med,
                            "<= 1.0", f"p20-p80 of pair ratios {lo:.3f}-{hi:.3f}"))
+    if any(r.get("mode") == "host" for r in rows):
+        figs.append(host_figure(rows))
     return figs
 
 
 def gpu_figures(rows: list[dict]) -> list[Figure]:
+    """The GPU run's figures: auto against frozen at the headline shape (first mark 1.25, goal
+    1.10), auto never slower than eager or either strategy on any shape (>= 0.98 within noise),
+    and the geomeans against eager, torch.compile and PEFT."""
     figs = []
     m, k, n, r = HEADLINE
-    fused = _fused_name(rows, "lora_linear")
+    auto = _fused_name(rows, "lora_linear")
     at = lambda key: key[1:5] == (m, k, n, r) and key[5] == 0.0 and key[0] == "lora_linear"
-    xs = ratios(rows, fused, BASELINE, mode="fwd+bwd", where=at) if fused else []
-    figs.append(Figure(f"fused fwd+bwd / frozen ({m}x{k}x{n}, r={r}, p=0)",
-                       xs[0] if xs else None, "<= 1.12", "" if xs else "fused not timed there"))
+    xs = ratios(rows, auto, BASELINE, mode="fwd+bwd", where=at) if auto else []
+    figs.append(Figure(f"auto fwd+bwd / frozen ({m}x{k}x{n}, r={r}, p=0)",
+                       xs[0] if xs else None, "<= 1.25",
+                       "first mark; the goal is 1.10" if xs else "auto not timed there"))
+    for op in ("lora_linear", "norm_lora"):
+        auto = _fused_name(rows, op)
+        if auto is None:
+            continue
+        for other in ("eager", *(label(auto.split(":")[0], g) for g in GEMMS if g != AUTO)):
+            worst = [t[other] / t[auto] for t in _per_shape(rows, op, "fwd+bwd").values()
+                     if other in t and auto in t]
+            figs.append(Figure(f"{other} / {auto} fwd+bwd ({op}), worst of {len(worst)} shapes",
+                               min(worst) if worst else None, ">= 0.98",
+                               "" if worst else f"{other} not timed beside {auto}"))
+    auto = _fused_name(rows, "lora_linear")
     on = lambda key: key[0] == "lora_linear"
     for other, target in (("eager", ">= 1.3"), ("compile", ">= 1.0"), ("peft", ">= 1.3")):
-        xs = ratios(rows, other, fused, mode="fwd+bwd", where=on) if fused else []
-        figs.append(Figure(f"{other} / fused fwd+bwd, geomean over {len(xs)} shapes",
-                           geomean(xs), target, "" if xs else f"{other} or fused not timed"))
-    nfused = _fused_name(rows, "norm_lora")
-    xs = ratios(rows, nfused, BASELINE, mode="forward",
-                where=lambda key: key[0] == "norm_lora") if nfused else []
-    figs.append(Figure(f"norm-fused ({nfused or 'none'}) fwd / (norm + frozen), geomean",
+        xs = ratios(rows, other, auto, mode="fwd+bwd", where=on) if auto else []
+        figs.append(Figure(f"{other} / auto fwd+bwd, geomean over {len(xs)} shapes",
+                           geomean(xs), target, "" if xs else f"{other} or auto not timed"))
+    nauto = _fused_name(rows, "norm_lora")
+    xs = ratios(rows, nauto, BASELINE, mode="forward",
+                where=lambda key: key[0] == "norm_lora") if nauto else []
+    figs.append(Figure(f"norm-fused ({nauto or 'none'}) fwd / (norm + frozen), geomean",
                        geomean(xs), "<= 1.08", "" if xs else "no fused norm provider timed"))
     return figs
+
+
+def host_figure(rows: list[dict]) -> Figure:
+    """Ours (fused path, kernel time out) against Megatron-Bridge's LoRA, host us per call."""
+    host = {row_label(r): r for r in rows if r.get("mode") == "host"}
+    ours, mb = host.get("fused:fused", {}).get("host_us"), host.get("megatron-bridge", {})
+    name = "host us per forward, ours fused / Megatron-Bridge (CPU, tiny shape)"
+    if ours is None:
+        return Figure(name, None, "<= 1.0", "no host_us row of ours")
+    if mb.get("host_us") is None:
+        return Figure(name, None, "<= 1.0", (mb.get("note") or "no Megatron-Bridge row")
+                      .removeprefix("skipped: "))
+    return Figure(name, ours / mb["host_us"], "<= 1.0")
+
+
+def host_table(rows: list[dict]) -> str:
+    """The host-time rows: us per training forward and the ratio to the frozen base."""
+    host = [r for r in rows if r.get("mode") == "host"]
+    if not host:
+        return ""
+    base = next((r["host_us"] for r in host if r["provider"] == BASELINE and r.get("host_us")),
+                None)
+    r0 = host[0]
+    lines = ["", f"host_us: us per training forward at {r0['M']}x{r0['K']}x{r0['N']} r{r0['r']} "
+                 "(least-disturbed round; p20-p80 of rounds)"]
+    for r in host:
+        if r.get("host_us") is None:
+            lines.append(f"  {row_label(r):<18} {r['note']}")
+            continue
+        rel = f" ({r['host_us'] / base:.2f} x frozen)" if base else ""
+        lines.append(f"  {row_label(r):<18} {r['host_us']:7.1f} us{rel}  "
+                     f"[{r['p20_ms'] * 1e3:.1f}-{r['p80_ms'] * 1e3:.1f}]"
+                     + (f"  {r['note']}" if r["note"] else ""))
+    return "\n".join(lines)
 
 
 # ---- the summary table -------------------------------------------------------------------------
 def summary_table(rows: list[dict]) -> str:
     """Per op, shape and mode: each provider's median and its ratio to frozen and to eager."""
     lines = []
-    for op, providers in PROVIDERS.items():
+    for op in PROVIDERS:
         timed = {k: v for k, v in _timed(rows).items() if k[0] == op}
         if not timed:
             continue
-        present = [p for p in providers if any(p in v for v in timed.values())]
-        head = f"{'shape (M x K x N, r, p)':<28}{'mode':<9}" + "".join(f"{p:>22}" for p in present)
+        present = [p for p in providers_of(op) if any(p in v for v in timed.values())]
+        head = f"{'shape (M x K x N, r, p)':<28}{'mode':<9}" + "".join(f"{p:>24}" for p in present)
         lines += ["", f"{op}: median ms (x frozen, x eager)", head, "-" * len(head)]
         order = sorted(timed, key=lambda k: (k[1:6], MODES.index(k[-1])))
         for key in order:
@@ -182,13 +253,36 @@ def summary_table(rows: list[dict]) -> str:
             cells = []
             for p in present:
                 if p not in times:
-                    cells.append(f"{'-':>22}")
+                    cells.append(f"{'-':>24}")
                     continue
                 base, eager = times.get(BASELINE), times.get("eager")
                 rb = f"{times[p] / base:.2f}" if base else "-"
                 re_ = f"{times[p] / eager:.2f}" if eager else "-"
-                cells.append(f"{times[p]:>9.3f} ({rb:>4},{re_:>5})")
+                cells.append(f"{times[p]:>11.3f} ({rb:>4},{re_:>5})")
             lines.append(f"{shape:<28}{key[-1]:<9}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def auto_table(rows: list[dict]) -> str:
+    """Per op, shape and mode: frozen / auto, eager / auto and each strategy / auto (> 1: auto
+    is faster; every cell should be >= 0.98)."""
+    lines = []
+    for op in PROVIDERS:
+        auto = _fused_name(rows, op)
+        if auto is None:
+            continue
+        fused = auto.split(":")[0]
+        others = [BASELINE, "eager", *(label(fused, g) for g in GEMMS if g != AUTO)]
+        timed = {k: v for k, v in _timed(rows).items() if k[0] == op and auto in v}
+        head = f"{'shape (M x K x N, r, p)':<28}{'mode':<9}" + "".join(
+            f"{o.split(':')[-1] + '/auto':>14}" for o in others)
+        lines += ["", f"{op}: time / {auto} time (frozen/auto < 1: the adapter's cost)", head,
+                  "-" * len(head)]
+        for key in sorted(timed, key=lambda k: (k[1:6], MODES.index(k[-1]))):
+            t = timed[key]
+            cells = [f"{t[o] / t[auto]:>14.3f}" if o in t else f"{'-':>14}" for o in others]
+            lines.append(f"{key[1]}x{key[2]}x{key[3]} r{key[4]} p{key[5]:g}".ljust(28)
+                         + f"{key[-1]:<9}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -197,7 +291,7 @@ def saved_table(rows: list[dict]) -> str:
     seen = {}
     for row in rows:
         if row.get("saved_bytes") is not None:
-            seen[(*_key(row), row["provider"])] = (row["saved_bytes"],
+            seen[(*_key(row), row_label(row))] = (row["saved_bytes"],
                                                    row["saved_bytes_with_params"])
     if not seen:
         return ""

@@ -26,11 +26,11 @@ measured in the same run (bf16 GEMM and a device copy on a GPU; fp32 GEMM and a 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from bridge.kernels._timing import Budget, bench
 
 STAT_BYTES = 4  # fp32 statistics and S
 # Elementwise FLOPs per element of x for the norm, forward and backward (approximate: they are
@@ -113,31 +113,26 @@ def floor_seconds(w: Work, rates: Rates) -> float:
     return max(w.flops / rates.matmul_flops, w.bytes / rates.copy_bytes)
 
 
-def _best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _best_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of the fastest rep (kernels/_timing: CUDA events on a GPU, the host clock on a
+    CPU): the attainable rate, not a typical one."""
+    t = bench(fn, device, budget=Budget(warmup_ms=10.0, rep_ms=200.0, min_reps=5, max_reps=20,
+                                        flush=False))
+    return min(t.times_ms) / 1e3
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
     """GEMM FLOP/s (square matmul in ``dtype``) and copy bandwidth (read + write bytes per second),
-    best of a few repeats: the attainable peak in this run, against which floors are drawn."""
+    best rep: the attainable peak in this run, against which floors are drawn."""
     if device.type == "cuda":
-        n, copy_numel, repeats = 8192, 1 << 28, 20  # 1 GiB-class buffers defeat the L2 cache
+        n, copy_numel = 8192, 1 << 28  # 1 GiB-class buffers defeat the L2 cache
     else:
-        n, copy_numel, repeats = 1024, 1 << 24, 5  # 64 MiB fp32 copy: larger than any LLC here
+        n, copy_numel = 1024, 1 << 24  # 64 MiB fp32 copy: larger than any LLC here
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t_mm = _best_time(lambda: torch.mm(a, b), device, repeats)
+    t_mm = _best_time(lambda: torch.mm(a, b), device)
     src = torch.empty(copy_numel, device=device, dtype=dtype).uniform_()
     dst = torch.empty_like(src)
-    t_cp = _best_time(lambda: dst.copy_(src), device, repeats)
+    t_cp = _best_time(lambda: dst.copy_(src), device)
     note = f"{str(dtype).replace('torch.', '')} {n}^3 matmul, {src.nbytes >> 20} MiB copy"
     return Rates(2 * n**3 / t_mm, 2 * src.nbytes / t_cp, note)

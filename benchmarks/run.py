@@ -1,12 +1,15 @@
-"""``make bench``: run the grid that fits this machine through pytest-benchmark, print the summary,
-write results/plots. CPU: the small grid timed on eager providers, plus the fused ops under the
-Triton interpreter (a subprocess with TRITON_INTERPRET=1) for correctness and saved bytes only.
-GPU: the full grid, bf16, every provider natively.
+"""``make bench``: run the grid that fits this machine (pytest runs the cases, kernels/_timing.py
+times them: CUDA events with the L2 flushed on a GPU), print the summary, write results/plots.
+CPU: the small grid timed on eager providers, plus the fused ops under the Triton interpreter
+(a subprocess with TRITON_INTERPRET=1) for correctness and saved bytes only, plus the host time
+per call at a tiny shape (benchmarks/host.py). GPU: the full grid, bf16, every provider natively,
+the fused ones in each GEMM strategy (fused, cublas, auto).
 
     python -m benchmarks.run [--grid cpu|gpu] [--out DIR] [--budget-s S] [--no-interp] [-k EXPR]
 
-Writes DIR/results.csv (one row per measurement), DIR/pytest-benchmark.json, DIR/summary.txt,
-DIR/rates.json and DIR/*.png. DIR defaults to benchmarks/results/<device-slug>-<YYYYmmdd-HHMMSS>.
+Writes DIR/results.csv (one row per measurement), DIR/summary.txt, DIR/rates.json, DIR/*.png and,
+when auto chose a strategy by timing, DIR/gemm_strategy.json (a copy of the chooser's cache file).
+DIR defaults to benchmarks/results/<device-slug>-<YYYYmmdd-HHMMSS>.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -46,13 +50,8 @@ def default_out_dir() -> Path:
     return HERE / "results" / f"{device_slug()}-{stamp}"
 
 
-def _pytest_args(out: Path, extra: list[str]) -> list[str]:
-    args = [*MODULES, "-p", "no:cacheprovider", "-rfEs", f"--rootdir={REPO}",
-            f"--benchmark-json={out / 'pytest-benchmark.json'}", "--benchmark-disable-gc",
-            "--benchmark-quiet", *extra]
-    if torch.cuda.is_available():
-        args.append("--benchmark-timer=benchmarks.measure.cuda_sync_timer")
-    return args
+def _pytest_args(extra: list[str]) -> list[str]:
+    return [*MODULES, "-p", "no:cacheprovider", "-q", "-rfEs", f"--rootdir={REPO}", *extra]
 
 
 def _run_interpreted(out: Path, timeout_s: float) -> tuple[list[dict], dict[str, str]]:
@@ -61,8 +60,7 @@ def _run_interpreted(out: Path, timeout_s: float) -> tuple[list[dict], dict[str,
     csv_path = out / "interp.csv"
     env = {**os.environ, "TRITON_INTERPRET": "1", cases.GRID_ENV: "interp",
            "BENCH_CSV": str(csv_path)}
-    cmd = [sys.executable, "-m", "pytest", *MODULES, "-p", "no:cacheprovider", "-q", "-rfEs",
-           f"--rootdir={REPO}", "--benchmark-disable"]
+    cmd = [sys.executable, "-m", "pytest", *_pytest_args([])]
     print(f"\n== fused ops under the Triton interpreter (not timed; limit {timeout_s:.0f} s)",
           flush=True)
     why = {}
@@ -82,6 +80,38 @@ def _run_interpreted(out: Path, timeout_s: float) -> tuple[list[dict], dict[str,
     if csv_path.exists():
         csv_path.unlink()
     return rows, why
+
+
+def _run_host(out: Path, timeout_s: float) -> list[dict]:
+    """benchmarks/host.py under TRITON_INTERPRET=1 (a fresh process): the host_us rows."""
+    path = out / "host.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    print("\n== host time per call (CPU, tiny shape)", flush=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.host", "--out", str(path)],
+                              env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout_s)
+        print(proc.stdout.strip() or proc.stderr[-2000:])
+    except subprocess.TimeoutExpired:
+        print(f"  host benchmark exceeded {timeout_s:.0f} s")
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    path.unlink()
+    from benchmarks.measure import environment
+
+    return [{**environment(), **r} for r in rows]
+
+
+def _copy_gemm_cache(out: Path) -> str:
+    """Copy the GEMM-strategy chooser's cache file next to the results (what auto measured)."""
+    from bridge.kernels.gemm_strategy import chooser
+
+    src = chooser().cache_path()
+    if not src.exists():
+        return "no GEMM-strategy cache file (auto timed nothing here)"
+    shutil.copyfile(src, out / src.name)
+    return f"GEMM-strategy cache: {src} -> {out / src.name}"
 
 
 def _paired(k: str | None) -> dict[float, tuple[float, ...]]:
@@ -123,13 +153,16 @@ def main(argv: list[str] | None = None) -> int:
                        "BENCH_CSV": str(out / "main.csv")})
     print(f"== benchmark grid '{grid}' -> {out} (budget {budget:.0f} s per op)", flush=True)
     extra = ["-k", args.k] if args.k else []
-    code = pytest.main(_pytest_args(out, extra))
+    code = pytest.main(_pytest_args(extra))
 
     rows = results.read_csv(out / "main.csv") if (out / "main.csv").exists() else []
     why: dict[str, str] = {}
     if grid == "cpu" and not args.no_interp:
         interp_rows, why = _run_interpreted(out, args.interp_timeout_s)
         rows += interp_rows
+        if not args.k:
+            rows += _run_host(out, args.interp_timeout_s)
+    cache_note = _copy_gemm_cache(out)
     for part in ("main.csv",):
         (out / part).unlink(missing_ok=True)
     results.write_csv(rows, out / "results.csv")
@@ -144,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         figures = results.cpu_figures(rows, why, _paired(args.k))
     text = "\n".join([
         results.summary_table(rows),
+        results.auto_table(rows),
         results.saved_table(rows),
+        results.host_table(rows),
         "",
         f"machine: {rows[0]['device'] if rows else '?'}; measured peak "
         f"{rates.get('matmul_tflops', float('nan')):.3f} TFLOP/s GEMM, "
@@ -154,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                         if grid == "cpu" else ""),
         f"figures ({grid}):",
         *(f.line() for f in figures),
+        cache_note,
     ])
     try:
         from benchmarks import plots
