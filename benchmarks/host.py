@@ -6,10 +6,12 @@ records the graph) of a LoRA layer over megatron's ``ColumnParallelLinear`` at T
 
     frozen            the base alone
     eager             ours, the eager module path (kernel_backend='eager')
-    fused:<gemm>      ours, the fused path (kernel_backend='triton' under TRITON_INTERPRET=1) with
-                      the kernel time taken out: the Triton launchers are replaced by stubs that
-                      only allocate their outputs (the interpreter would run the kernels in Python;
-                      a GPU launches them asynchronously). cuBLAS's addmm stays in (a 1-row GEMM).
+    fused:<gemm>      ours, the fused path (kernel_backend='triton' under TRITON_INTERPRET=1)
+                      per GEMM strategy (auto: the chooser's lookup, then the CPU rule: fused),
+                      with the kernel time taken out: the Triton launchers are replaced by
+                      stubs that only allocate their outputs (the interpreter would run the
+                      kernels in Python; a GPU launches them asynchronously). torch's addmm
+                      stays in for cublas (an 8-row GEMM).
     megatron-bridge   Megatron-Bridge's own LoRA on the same base, when it is installed
 
     python -m benchmarks.host [--out rows.json]     # run with TRITON_INTERPRET=1
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 M, K, N, R = 8, 64, 64, 8  # tiny: kernels or GEMMs would otherwise dominate
-PROVIDERS = ("frozen", "eager", "fused:fused", "fused:cublas", "megatron-bridge")
+PROVIDERS = ("frozen", "eager", "fused:fused", "fused:cublas", "fused:auto", "megatron-bridge")
 LAUNCHERS = ("launch_shrink", "launch_fused_gemm", "launch_dx", "launch_expand", "launch_dsdb",
              "launch_da")
 MODULES = ("bridge.kernels.lora_linear", "bridge.kernels.norm_lora",

@@ -35,6 +35,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -121,9 +122,14 @@ def _device_name(device: torch.device) -> str:
 
 def make_key(op: str, direction: str, device: torch.device, dtype: torch.dtype, m: int, n: int,
              k: int, r: int, dropout: str, bias: bool) -> GemmKey:
-    return GemmKey(op, direction, _device_name(device), str(dtype).removeprefix("torch."),
+    return GemmKey(op, direction, _device_name(device), _dtype_name(dtype),
                    triton_next_pow2(max(m, 1)), n, k, max(16, triton_next_pow2(r)), dropout,
                    bias)
+
+
+@functools.lru_cache(maxsize=16)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _versions() -> str:
@@ -206,13 +212,14 @@ class GemmChooser:
 
     def _local_decision(self, key, candidates, device, arch) -> Decision:
         ok, why = self._can_time(device)
-        if not ok or candidates is None:
-            return Decision(heuristic(arch, key.n, key.k), None,
-                            f"heuristic ({why or 'nothing to time'})")
+        if not ok:
+            return Decision(heuristic(arch, key.n, key.k), None, f"heuristic ({why})")
         cached = self._disk_get(key)
         if cached is not None:
             return cached
-        ms = self._time(candidates, device)
+        if candidates is None:
+            return Decision(heuristic(arch, key.n, key.k), None, "heuristic (nothing to time)")
+        ms = self._time(key, candidates, device)
         decision = Decision(_fastest(ms), ms, "timed")
         self._disk_put(key, decision)
         return decision
@@ -230,15 +237,31 @@ class GemmChooser:
         agreed = STRATEGIES[int(choice.item())]
         return mine if mine is not None else Decision(agreed, None, "group rank 0")
 
-    def _time(self, candidates: Callable[[], dict], device: torch.device) -> dict[str, float]:
+    def _time(self, key: GemmKey, candidates: Callable[[], dict],
+              device: torch.device) -> dict[str, float]:
+        """Median ms per strategy. A strategy that raises (a Triton config that does not fit
+        this GPU, say) is out of the race, with a warning; if both raise, the first error
+        propagates."""
         thunks = candidates()
         timer = self._timer or (lambda name, fn, dev: bench(fn, dev, budget=CHOOSER_BUDGET)
                                 .median_ms)
+        ms, errors = {}, []
         try:
             with torch.no_grad():
-                return {name: float(timer(name, thunks[name], device)) for name in STRATEGIES}
+                for name in STRATEGIES:
+                    try:
+                        ms[name] = float(timer(name, thunks[name], device))
+                    except Exception as exc:  # noqa: BLE001  (the other strategy still runs)
+                        errors.append(exc)
+                        ms[name] = math.inf
+                        logger.warning("bridge.kernels: %s: the %s GEMM step failed while "
+                                       "timed (%s: %s); auto leaves it out", key.describe(),
+                                       name, type(exc).__name__, exc)
         finally:
             release_flush_buffers()
+        if len(errors) == len(STRATEGIES):
+            raise errors[0]
+        return ms
 
     def _log(self, key: GemmKey, d: Decision) -> None:
         if d.ms:
@@ -248,6 +271,12 @@ class GemmChooser:
         else:
             logger.info("bridge.kernels: %s: GEMM strategy %s (%s)", key.describe(), d.choice,
                         d.source)
+
+    def remembered(self, key: GemmKey, group=None) -> str | None:
+        """The choice made for ``key`` (and group) in this process, or None: no timing, no
+        file, no collective (the per-call fast path)."""
+        hit = self._memory.get((key, group))
+        return None if hit is None else hit.choice
 
     # ---- what was decided (kernel reports, tests) ------------------------------------------
     def decisions(self) -> dict[GemmKey, Decision]:
@@ -288,6 +317,8 @@ class GemmChooser:
         if not isinstance(entry, dict) or entry.get("choice") not in STRATEGIES:
             return None
         ms = entry.get("ms")
+        if isinstance(ms, dict):  # a strategy that failed when timed was written as null
+            ms = {k: math.inf if v is None else v for k, v in ms.items()}
         return Decision(entry["choice"], ms if isinstance(ms, dict) else None, "cache file")
 
     def _disk_put(self, key: GemmKey, d: Decision) -> None:
@@ -299,7 +330,8 @@ class GemmChooser:
             path.parent.mkdir(parents=True, exist_ok=True)
             entries = self._read(path)
             entries[self.file_key(key)] = {
-                "choice": d.choice, "ms": d.ms,
+                "choice": d.choice,
+                "ms": {k: (v if math.isfinite(v) else None) for k, v in d.ms.items()},
                 "date": datetime.datetime.now().isoformat(timespec="seconds")}
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1,
@@ -393,32 +425,33 @@ def select(op: str, requested: str, *, x2d: torch.Tensor, weight: torch.Tensor,
     m, r, device = x2d.shape[0], lora_a.shape[0], x2d.device
     if m == 0:
         return "fused", "fused"
-    may_time = not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
     variant, c = _variant(seed, p, post), chooser()
+    # the bias never enters dX: one backward key for biased and unbiased layers
+    key_f = make_key(op, "fwd", device, x2d.dtype, m, n, k, r, variant, bias is not None)
+    key_b = make_key(op, "bwd", device, x2d.dtype, m, n, k, r, variant, False)
+    fwd, bwd = c.remembered(key_f, group), c.remembered(key_b, group) if need_bwd else "auto"
+    if fwd is not None and bwd is not None:  # the hot path: two dict lookups
+        return fwd, bwd
+    may_time = not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
     gen = lambda: torch.Generator(device=device).manual_seed(0)  # never the global RNG
 
-    def fwd_candidates():
+    def fwd_candidates():  # synthetic S (the values do not matter, only the GEMM step's time)
         s = torch.randn((m, r), generator=gen(), device=device)
         pseed = seed if variant == "post" else None
         return {g: functools.partial(gemm_forward, g, x2d, weight, bias, s, lora_b, scale,
                                      seed=pseed, p=p) for g in STRATEGIES}
 
-    def bwd_candidates():
+    def bwd_candidates():  # a synthetic dY [M, N] and dS: transient memory, once per key
         dy = torch.randn((m, n), generator=gen(), device=device).to(x2d.dtype)
         ds = torch.randn((m, r), generator=gen(), device=device)
         pseed = seed if variant == "pre" else None
         return {g: functools.partial(gemm_dx, g, dy, weight, ds, lora_a, seed=pseed, p=p,
                                      out_dtype=dx_dtype[g]) for g in STRATEGIES}
 
-    key = functools.partial(make_key, op, device=device, dtype=x2d.dtype, m=m, n=n, k=k, r=r,
-                            dropout=variant)
-    fwd = c.choose(key("fwd", bias=bias is not None), fwd_candidates, device=device,
-                   group=group, may_time=may_time)
-    if not need_bwd:
-        return fwd, "auto"
-    # the bias never enters dX: one backward key for biased and unbiased layers
-    bwd = c.choose(key("bwd", bias=False), bwd_candidates, device=device, group=group,
-                   may_time=may_time)
+    if fwd is None:
+        fwd = c.choose(key_f, fwd_candidates, device=device, group=group, may_time=may_time)
+    if bwd is None:
+        bwd = c.choose(key_b, bwd_candidates, device=device, group=group, may_time=may_time)
     return fwd, bwd
 
 

@@ -130,6 +130,25 @@ def test_corrupt_cache_file_is_ignored_with_a_warning(clean_env, caplog):
     assert json.loads((clean_env / gs.CACHE_FILE).read_text())["entries"]  # rewritten whole
 
 
+def test_a_strategy_that_fails_when_timed_is_left_out(clean_env, caplog):
+    def timer(name, fn, device):
+        if name == "fused":
+            raise RuntimeError("out of shared memory")
+        return 3.0
+
+    c = GemmChooser(timer=timer, cache_dir=clean_env)
+    with caplog.at_level(logging.WARNING, logger="bridge.kernels"):
+        assert c.choose(KEY, lambda: {"fused": None, "cublas": None}, device=CPU) == "cublas"
+    assert any("fused GEMM step failed" in r.getMessage() and "out of shared memory" in
+               r.getMessage() for r in caplog.records)
+    (entry,) = json.loads((clean_env / gs.CACHE_FILE).read_text())["entries"].values()
+    assert entry["ms"] == {"fused": None, "cublas": 3.0}  # strict JSON: no Infinity
+    assert GemmChooser(timer=_never, cache_dir=clean_env).choose(KEY, None, device=CPU) == "cublas"
+    broken = GemmChooser(timer=lambda *a: 1 / 0, cache_dir=clean_env / "other")
+    with pytest.raises(ZeroDivisionError):
+        broken.choose(KEY, lambda: {"fused": None, "cublas": None}, device=CPU)
+
+
 def test_cache_folder_from_the_environment(clean_env):
     c = GemmChooser(timer=FakeTimer({"fused": 1.0, "cublas": 2.0}))
     c.choose(KEY, lambda: {"fused": None, "cublas": None}, device=CPU)
