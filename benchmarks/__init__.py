@@ -1,2 +1,2 @@
-"""Benchmark harness for the fused LoRA ops (pytest-benchmark based). Entry point: ``python -m
-benchmarks.run`` (``make bench``); see benchmarks/README.md."""
+"""Benchmark harness for the fused LoRA ops (pytest runs the cases, kernels/_timing.py times them).
+Entry point: ``python -m benchmarks.run`` (``make bench``); see benchmarks/README.md."""
