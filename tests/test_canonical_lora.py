@@ -127,9 +127,10 @@ def test_partial_selection(megatron_tp1, targets, zero_rows):
 
 
 def test_bad_targets():
-    with pytest.raises(ValueError, match="does not take 'linear_qkv'.*linear_q, linear_k, linear_v"):
+    with pytest.raises(ValueError,
+                       match="does not support target 'linear_qkv'.*linear_q, linear_k, linear_v"):
         CanonicalLoRA(target_modules=["linear_qkv"])
-    with pytest.raises(ValueError, match="does not take '.*linear_fc1'.*linear_fc1_up"):
+    with pytest.raises(ValueError, match="does not support target '.*linear_fc1'.*linear_fc1_up"):
         CanonicalLoRA(target_modules=["*.linear_fc1"])
     lora = CanonicalLoRA(target_modules=["*.linear_q", "linear_fc1_up", "linear_proj"])
     assert lora.canonical_mapping == {"*.linear_qkv": {"linear_q"}, "linear_fc1": {"linear_fc1_up"},

@@ -133,9 +133,10 @@ def test_matches_hf_peft_dora():
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match="dropout_position='pre' only, got 'post'"):
+    with pytest.raises(ValueError, match="DoRA only supports pre-adapter dropout at this time: "
+                                         "got dropout_position='post'"):
         DoRA(dropout_position="post")
-    with pytest.raises(ValueError, match="dropout_position='pre' only"):
+    with pytest.raises(ValueError, match="DoRA only supports pre-adapter dropout"):
         ParallelLinearDoRAAdapter(K, N, R, activation="identity", dropout_position="post")
     adapter = ParallelLinearDoRAAdapter(K, N, R, activation="identity", dropout_position="pre")
     with pytest.raises(ValueError, match=r"shape \(24,\), got a value of shape \(3,\)"):

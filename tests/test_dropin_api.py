@@ -87,6 +87,31 @@ def test_all2all_hp2sp_at_tp1_is_the_identity():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+def test_moe_rank_normalisation_helpers():
+    from types import SimpleNamespace
+
+    class Group:  # a process group as the helpers see it: its size
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    expert = SimpleNamespace(config=SimpleNamespace(moe_router_topk=2), tp_group=Group(4))
+    kw = dict(normalize_moe_lora=True, is_expert=True)
+    assert peft_utils.get_effective_lora_dim(expert, dim=32, **kw) == 16
+    assert peft_utils.get_effective_lora_dim(expert, dim=32, normalize_moe_lora=True,
+                                             is_expert=False) == 32
+    with pytest.raises(ValueError, match="dim=5 must be divisible by moe_router_topk=2"):
+        peft_utils.get_effective_lora_dim(expert, dim=5, **kw)
+    with pytest.raises(ValueError, match="moe_router_topk is None"):
+        peft_utils.get_effective_lora_dim(SimpleNamespace(config=SimpleNamespace(
+            moe_router_topk=None)), dim=4, **kw)
+    assert peft_utils.align_expert_dim_for_tp(expert, 6, input_is_parallel=False, **kw) == 8
+    assert peft_utils.align_expert_dim_for_tp(expert, 6, input_is_parallel=True, **kw) == 6
+    assert peft_utils.align_expert_dim_for_tp(expert, 8, input_is_parallel=False, **kw) == 8
+
+
 # ---- ParallelLinearAdapter: process groups, dtype, the base's tp_group -------------------------
 def test_parallel_linear_adapter_takes_a_process_group_collection():
     from megatron.core import parallel_state
@@ -320,7 +345,7 @@ def test_canonical_lora_derives_its_mapping_when_applied():
     assert list(layer.mlp.linear_fc1.adapter) == ["adapter_up"]
     assert not isinstance(layer.self_attention.linear_proj, LoRALinear)
     peft.target_modules = ["linear_qkv"]
-    with pytest.raises(AssertionError, match=r"CanonicalLoRA does not take 'linear_qkv'"):
+    with pytest.raises(AssertionError, match=r"Canonical LoRA does not support target 'linear_qkv'"):
         peft(tiny_gpt_model(num_layers=1))
 
 
@@ -382,15 +407,18 @@ def test_mamba_in_proj_adapter_is_saved_block_by_block(tmp_path):
 
     assert mamba_dim_info(model.mixer.in_proj.to_wrap) == dict(
         d_inner_local_tp=32, ngroups_local_tp=2, d_state=4, nheads_local_tp=4)
-    sharded = model.mixer.in_proj.sharded_state_dict("mixer.in_proj.")
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    metadata = ensure_metadata_has_dp_cp_group(None)  # as a model's sharded_state_dict passes it
+    sharded = model.mixer.in_proj.sharded_state_dict("mixer.in_proj.", (), metadata)
     factory = sharded["mixer.in_proj.adapter.linear_out.weight"]
     assert isinstance(factory, ShardedTensorFactory)
     assert not isinstance(sharded["mixer.in_proj.adapter.linear_in.weight"], ShardedTensorFactory)
     dist_checkpointing.save(sharded, str(tmp_path))
     fresh = build(1)
-    loaded = dist_checkpointing.load(fresh.mixer.in_proj.sharded_state_dict("mixer.in_proj."),
-                                     str(tmp_path))
-    fresh.load_state_dict({k.removeprefix(""): v for k, v in loaded.items()}, strict=False)
+    loaded = dist_checkpointing.load(
+        fresh.mixer.in_proj.sharded_state_dict("mixer.in_proj.", (), metadata), str(tmp_path))
+    fresh.load_state_dict(loaded, strict=False)
     for name in ("adapter.linear_in.weight", "adapter.linear_out.weight"):
         assert torch.equal(fresh.mixer.in_proj.state_dict()[name],
                            model.mixer.in_proj.state_dict()[name]), name
@@ -413,13 +441,17 @@ def test_sharded_state_dict_passes_the_callers_metadata_through():
     assert [(p, m is metadata, e) for p, m, e in seen] == [("w.", True, {}),
                                                           ("w.adapter.", True, {})]
     assert metadata == before  # nothing added or changed
+    seen.clear()
+    wrapper.sharded_state_dict("w.")  # None stays None (megatron's model-level call fills it)
+    assert [m for _, m, _ in seen] == [None, None]
 
 
 # ---- exceptions: upstream's kind and a clear message ------------------------------------------------
 @pytest.mark.parametrize("build, upstream, message", [
-    (lambda: DoRA(dropout_position="post"), AssertionError, "DoRA supports dropout_position='pre'"),
+    (lambda: DoRA(dropout_position="post"), AssertionError,
+     "DoRA only supports pre-adapter dropout"),
     (lambda: CanonicalLoRA(target_modules=["linear_fc1"]), AssertionError,
-     "CanonicalLoRA does not take 'linear_fc1'"),
+     "Canonical LoRA does not support target 'linear_fc1'"),
     (lambda: LoRA(dropout_position="middle"), AssertionError, "unknown dropout_position"),
     (lambda: ParallelLinearAdapter(K, N, R, "m.experts.linear_fc1", is_expert=True),
      NotImplementedError, "MoE expert linear"),

@@ -451,10 +451,21 @@ def test_unknown_kernel_backend():
 
 
 def test_target_and_exclude_modules_together():
+    """Refused when applied (as upstream, a recipe may still clear target_modules after
+    construction), as the AssertionError upstream raises."""
+    peft = LoRA(target_modules=["linear_qkv"], exclude_modules=["linear_fc2"])
+    model = nn.Module()
+    model.linear_qkv = nn.Linear(K, N)
     with pytest.raises(PEFTConfigError, match=re.escape(
-            "target_modules and exclude_modules cannot both be set (got target_modules="
-            "['linear_qkv'], exclude_modules=['linear_fc2'])")):
-        LoRA(target_modules=["linear_qkv"], exclude_modules=["linear_fc2"])
+            "exclude_modules should be empty when using target_modules: target_modules and "
+            "exclude_modules cannot both be set (got target_modules=['linear_qkv'], "
+            "exclude_modules=['linear_fc2'])")):
+        peft(model)
+    with pytest.raises(AssertionError, match="exclude_modules should be empty"):
+        peft.match(model.linear_qkv, "linear_qkv")
+    peft.target_modules = []
+    peft(model)
+    assert isinstance(model.linear_qkv, LoRALinear)
 
 
 @pytest.mark.parametrize("module", [nn.Conv1d(2, 2, 1), nn.LayerNorm(4), nn.Embedding(3, 4)])
@@ -641,3 +652,15 @@ def test_linear_adapter_takes_the_fused_path(bias):
     for name, got, want in zip(("y", "dx", "dA", "dB"), results["triton"], results["eager"],
                                strict=True):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["xavier", "uniform"])
+def test_linear_adapter_a_init_as_megatron_bridge(name):
+    """LinearAdapter's 'xavier' is Xavier-uniform, 'uniform' Kaiming-uniform (a = sqrt 5)."""
+    torch.manual_seed(0)
+    adapter = LinearAdapter(nn.Linear(64, 48), dim=32, lora_A_init_method=name)
+    w = adapter.linear_in.weight  # [32, 64]
+    bound = math.sqrt(6.0 / (64 + 32)) if name == "xavier" else 1.0 / math.sqrt(64)
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+    assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.1  # uniform, not normal
+    assert torch.count_nonzero(adapter.linear_out.weight) == 0

@@ -14,6 +14,7 @@ pytest.importorskip("megatron.core", reason="megatron-core not installed (pip in
 
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group  # noqa: E402
 
 from bridge.layers import LayerNormColumnParallelLinear  # noqa: E402
 from bridge.peft import LoRA, LoRALinear, ParallelLinearAdapter  # noqa: E402
@@ -300,7 +301,8 @@ def test_megatron_wrapper_state_dict_keys_and_strict_round_trip():
 def test_megatron_wrapper_sharded_state_dict():
     model = wrap(build_base("row", False))
     w = model.proj
-    sharded = w.sharded_state_dict(prefix="decoder.layers.0.mlp.linear_fc2.")
+    sharded = w.sharded_state_dict(prefix="decoder.layers.0.mlp.linear_fc2.",
+                                   metadata=ensure_metadata_has_dp_cp_group(None))
     p = "decoder.layers.0.mlp.linear_fc2."
     tensors = {p + "weight": w.to_wrap.weight, p + "bias": w.to_wrap.bias,
                p + "adapter.linear_in.weight": w.adapter.linear_in.weight,
@@ -326,7 +328,8 @@ def test_dist_checkpointing_round_trip_of_a_lora_model(tmp_path):
          kernel_backend="eager")(model)
     sharded = {}
     for name in ("col", "row"):
-        sharded.update(getattr(model, name).sharded_state_dict(prefix=f"{name}."))
+        sharded.update(getattr(model, name).sharded_state_dict(
+            prefix=f"{name}.", metadata=ensure_metadata_has_dp_cp_group(None)))
     saved = {k: v.data.clone() for k, v in sharded.items() if isinstance(v, ShardedTensor)}
     (tmp_path / "ckpt").mkdir()
     dist_checkpointing.save(sharded, str(tmp_path / "ckpt"))

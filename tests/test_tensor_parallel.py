@@ -175,6 +175,7 @@ def sharded_layout(rank: int) -> dict:
     """Metadata of the sharded state dict of LoRA on a column, a row and an nn.Linear base."""
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     from bridge.peft import LoRA, LoRALinear, ParallelLinearAdapter
     from tests.megatron_utils import make_config
@@ -190,8 +191,10 @@ def sharded_layout(rank: int) -> dict:
     model.lin = LoRALinear(nn.Linear(16, 8), ParallelLinearAdapter(16, 8, 4, activation="identity"),
                            kernel_backend="eager")
     sharded = {}
+    metadata = ensure_metadata_has_dp_cp_group(None)  # as a model's sharded_state_dict passes it
     for name in ("col", "row", "lin"):
-        sharded.update(getattr(model, name).sharded_state_dict(prefix=f"{name}."))
+        sharded.update(getattr(model, name).sharded_state_dict(prefix=f"{name}.",
+                                                               metadata=metadata))
     meta = {}
     for key, sh in sharded.items():
         assert isinstance(sh, (ShardedTensor, ShardedObject)), (key, type(sh))

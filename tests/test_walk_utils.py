@@ -38,7 +38,8 @@ def test_walk_visits_the_root_then_each_child_with_its_name_prefix_and_index():
                      ("Linear", "second", "", 1)]
 
 
-def test_map_applies_to_the_module_only_and_passes_extra_kwargs():
+def test_map_and_walk_both_reach_every_module_and_pass_extra_kwargs():
+    """Upstream's map descends like walk (its recurse flag changes nothing)."""
     calls = []
 
     def func(module, tag=None):
@@ -47,9 +48,9 @@ def test_map_applies_to_the_module_only_and_passes_extra_kwargs():
 
     model = Pair()
     assert walk_utils.map(model, func, tag=7) is model
-    assert calls == [("Pair", 7)]
+    assert calls == [("Pair", 7), ("Linear", 7), ("Linear", 7)]
     walk_utils.walk(model, func, tag=8)
-    assert calls[1:] == [("Pair", 8), ("Linear", 8), ("Linear", 8)]
+    assert calls[3:] == [("Pair", 8), ("Linear", 8), ("Linear", 8)]
 
 
 def test_a_catch_all_kwargs_func_gets_none_of_the_position_kwargs():

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bridge.peft.errors import BaseOutputError
 from bridge.peft.tp import acc
 
 __all__ = ["AdapterSwitch", "AdapterWrapper", "mamba_dim_info"]
@@ -78,7 +79,8 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
             base returns none.
 
         Raises:
-            TypeError: the base returned anything else (the message names what it returned).
+            BaseOutputError: (a TypeError and AssertionError) the base returned anything else
+                (the message names what it returned).
         """
         result = self.to_wrap(x, *args, **kwargs)
         linear_output, bias, layernorm_output = self.split_base_output(result, x)
@@ -111,7 +113,7 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
                 and (bias is None or isinstance(bias, torch.Tensor))
             ):
                 return out, bias, ln_out
-        raise TypeError(
+        raise BaseOutputError(
             f"{type(self.to_wrap).__name__} returned {_describe(result)}; AdapterWrapper expects "
             "a Tensor, (out, None), (out, bias), ((out, ln_out), None) or (out, bias, ln_out)"
         )
@@ -194,17 +196,14 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The base's and the adapter's sharded state dicts (adapter under ``prefix + 'adapter.'``).
 
-        ``metadata`` reaches both exactly as the caller passed it (the same object, never
-        modified; None becomes a fresh dict holding megatron's ``dp_cp_group``). A module
-        without ``sharded_state_dict`` (e.g. ``nn.Linear``, a ``LinearAdapter``) contributes
+        ``metadata`` reaches both exactly as the caller passed it (the same object, or None;
+        never modified: megatron's model-level ``sharded_state_dict`` fills in its
+        ``dp_cp_group``; this package's adapters look it up themselves when it is absent). A
+        module without ``sharded_state_dict`` (e.g. ``nn.Linear``, a ``LinearAdapter``) contributes
         replicated ``ShardedTensor``s of its state dict. An
         adapter of a Mamba ``mixer.in_proj`` also gets ``mamba_dim_info`` (the local sizes of
         in_proj's z, x, B, C, dt blocks), so its B is saved block by block like in_proj itself.
         """
-        if metadata is None:  # a fresh dict (megatron's layers read its dp_cp_group)
-            from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-            metadata = ensure_metadata_has_dp_cp_group(None)
         out = {}
         out.update(_module_sharded_state_dict(self.to_wrap, prefix, sharded_offsets, metadata))
         extra = {}

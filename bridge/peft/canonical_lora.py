@@ -35,7 +35,9 @@ from bridge.peft.module_matcher import ModuleMatcher
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
 from bridge.peft.tp import tp_group_and_size
 from bridge.peft.utils import (
+    align_expert_dim_for_tp,
     get_adapter_attributes_from_linear,
+    get_effective_lora_dim,
     is_expert_linear,
     is_modelopt_linear,
     is_router,
@@ -314,8 +316,9 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
             base = target.rsplit(".", 1)[-1]
             if base in ("linear_qkv", "linear_fc1"):
                 names = QKV_PARTS if base == "linear_qkv" else FC1_PARTS
-                raise PEFTConfigError(f"CanonicalLoRA does not take {target!r}: name its parts "
-                                      f"({', '.join(names)}) or use LoRA for the fused layer")
+                raise PEFTConfigError(
+                    f"Canonical LoRA does not support target {target!r}: name its parts "
+                    f"({', '.join(names)}) with CanonicalLoRA, or use {base!r} with LoRA()")
             if base in QKV_PARTS:
                 key = target[: len(target) - len(base)] + "linear_qkv"
             elif base in FC1_PARTS:
@@ -334,8 +337,12 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
     def _adapter(self, module: nn.Module, full_name: str, out_features: int | None = None):
         is_expert = is_expert_linear(full_name)
         attrs = get_adapter_attributes_from_linear(module, is_expert=is_expert)
+        dim = get_effective_lora_dim(module, dim=self.dim, normalize_moe_lora=self.normalize_moe_lora,
+                                     is_expert=is_expert)
+        dim = align_expert_dim_for_tp(module, dim, normalize_moe_lora=self.normalize_moe_lora,
+                                      is_expert=is_expert, input_is_parallel=attrs.input_is_parallel)
         adapter = ParallelLinearAdapter(
-            attrs.in_features, out_features or attrs.out_features, self.dim,
+            attrs.in_features, out_features or attrs.out_features, dim,
             base_linear_name=full_name, activation="identity",
             column_init_method=self.lora_A_init_method, row_init_method=self.lora_B_init_method,
             input_is_parallel=attrs.input_is_parallel, dropout=self.dropout,

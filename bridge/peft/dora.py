@@ -52,8 +52,9 @@ class DoRA(PEFT, ModuleMatcher):
     def __post_init__(self) -> None:
         if self.dropout_position != "pre":
             raise PEFTConfigError(
-                f"DoRA supports dropout_position='pre' only, got {self.dropout_position!r} "
-                "(its dropout correction term needs the dropped input of the base)"
+                "DoRA only supports pre-adapter dropout at this time: got dropout_position="
+                f"{self.dropout_position!r} (its dropout correction term needs the dropped input "
+                "of the base); set DoRA(..., dropout_position='pre')"
             )
         ModuleMatcher.__post_init__(self)
         check_adapter_hparams(self.dim, self.alpha, self.dropout, self.dropout_position,

@@ -39,7 +39,8 @@ class ParallelLinearDoRAAdapter(ParallelLinearAdapter):
     def __init__(self, *args, **kwargs) -> None:
         if kwargs.get("dropout_position", "pre") != "pre":
             raise PEFTConfigError(
-                f"DoRA supports dropout_position='pre' only, got {kwargs['dropout_position']!r}"
+                "DoRA only supports pre-adapter dropout at this time: got dropout_position="
+                f"{kwargs['dropout_position']!r}; pass dropout_position='pre'"
             )
         kwargs["dropout_position"] = "pre"
         super().__init__(*args, **kwargs)

@@ -9,7 +9,8 @@ the message says what to do.
 
 from __future__ import annotations
 
-__all__ = ["PEFTConfigError", "UnsupportedModuleError", "UnsupportedOptionError"]
+__all__ = ["BaseOutputError", "PEFTConfigError", "UnsupportedModuleError",
+           "UnsupportedOptionError"]
 
 
 class PEFTConfigError(ValueError, AssertionError):
@@ -23,3 +24,7 @@ class UnsupportedModuleError(NotImplementedError, TypeError):
 class UnsupportedOptionError(ValueError, NotImplementedError):
     """An option value that is not implemented, e.g. an unknown init method (Megatron-Bridge raises
     NotImplementedError)."""
+
+
+class BaseOutputError(TypeError, AssertionError):
+    """A wrapped base returned something no linear returns (Megatron-Bridge asserts)."""

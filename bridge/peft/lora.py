@@ -17,13 +17,21 @@ from bridge.peft.lora_layers import LinearAdapter, LoRALinear, LoRATopKRouter, v
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
 from bridge.peft.utils import (
+    align_expert_dim_for_tp,
     get_adapter_attributes_from_linear,
+    get_effective_lora_dim,
     is_expert_linear,
     is_linear_like,
     is_modelopt_linear,
     is_router,
     is_te_module,
 )
+
+try:
+    from megatron.core.utils import unwrap_model
+except ImportError:  # megatron-core is optional for plain nn.Linear models
+    def unwrap_model(model):
+        return model
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +144,13 @@ class LoRA(PEFT, ModuleMatcher):
         attrs = get_adapter_attributes_from_linear(
             module, is_expert=is_expert,
             sequence_parallel_input_regather=self.sequence_parallel_input_regather and not is_expert)
+        dim = get_effective_lora_dim(module, dim=self.dim, normalize_moe_lora=self.normalize_moe_lora,
+                                     is_expert=is_expert)
+        dim = align_expert_dim_for_tp(module, dim, normalize_moe_lora=self.normalize_moe_lora,
+                                      is_expert=is_expert, input_is_parallel=attrs.input_is_parallel)
         logger.info("Adding LoRA to %s", full_name)
         adapter = ParallelLinearAdapter(
-            attrs.in_features, attrs.out_features, self.dim, base_linear_name=full_name,
+            attrs.in_features, attrs.out_features, dim, base_linear_name=full_name,
             activation="identity", column_init_method=self.lora_A_init_method,
             row_init_method=self.lora_B_init_method, input_is_parallel=attrs.input_is_parallel,
             dropout=self.dropout, model_parallel_config=getattr(module, "config", None),
@@ -173,13 +185,7 @@ class VLMLoRA(LoRA):
     def freeze_model(self, model, training: bool = True) -> None:
         """Freeze the chosen parts only (the adapters added afterwards train)."""
         chunks = _chunks(model)
-        root = chunks[0]
-        try:
-            from megatron.core.utils import unwrap_model
-
-            root = unwrap_model(root)
-        except ImportError:
-            pass
+        root = unwrap_model(chunks)[0]  # DDP / Float16Module wrappers off
         root = getattr(root, "llava_model", root)
         parts = {"vision_model": self.freeze_vision_model,
                  "vision_projection": self.freeze_vision_projection,

@@ -14,6 +14,11 @@ from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.errors import PEFTConfigError
 from bridge.peft.utils import is_te_module, wildcard_match
 
+try:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+except ImportError:  # megatron-core is optional: plain nn.Linear models still match
+    ColumnParallelLinear = RowParallelLinear = None
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TARGETS", "ModuleMatcher"]
@@ -22,14 +27,8 @@ DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
 def _linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    try:
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        types += [ColumnParallelLinear, RowParallelLinear]
-    except ImportError:
-        pass
-    return tuple(types)
+    """What exclude-mode matching adapts (read at call time from this module's names)."""
+    return tuple(t for t in (ColumnParallelLinear, RowParallelLinear, nn.Linear) if t is not None)
 
 
 @dataclass
@@ -55,25 +54,32 @@ class ModuleMatcher:
                                                 init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.check_targets()
+        self._check_names()
 
-    def check_targets(self) -> None:
-        """The configuration checks (at construction and again when the transform is applied).
-
-        Raises:
-            TypeError: a string instead of a list of names.
-            PEFTConfigError: both ``target_modules`` and ``exclude_modules`` set.
-        """
+    def _check_names(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(f"{name} must be a list of module names or '*' patterns, got the "
                                 f"string {value!r}; write [{value!r}]")
+
+    def check_targets(self) -> None:
+        """The configuration checks, run when the transform is applied (and by ``match``): a
+        recipe may still change ``target_modules`` / ``exclude_modules`` after construction.
+
+        Raises:
+            TypeError: a string instead of a list of names.
+            PEFTConfigError: (an AssertionError, as upstream's) both ``target_modules`` (or a
+                canonical mapping) and ``exclude_modules`` set.
+        """
+        self._check_names()
         if (self.target_modules or self.canonical_mapping) and self.exclude_modules:
+            using = "canonical_mapping" if self.canonical_mapping else "target_modules"
             raise PEFTConfigError(
-                "target_modules and exclude_modules cannot both be set (got target_modules="
-                f"{self.target_modules!r}, exclude_modules={self.exclude_modules!r}); pass "
-                "target_modules=[] to adapt every linear except exclude_modules")
+                f"exclude_modules should be empty when using {using}: target_modules and "
+                f"exclude_modules cannot both be set (got target_modules={self.target_modules!r}, "
+                f"exclude_modules={self.exclude_modules!r}); pass target_modules=[] to adapt "
+                "every linear except exclude_modules")
 
     # ---- matching --------------------------------------------------------------------------
     def match(self, m: nn.Module, name: str | None = None, prefix: str | None = None):

@@ -247,34 +247,53 @@ class ParallelLinearAdapter(nn.Module):
 
     def _use_regather(self) -> bool:
         """Whether this forward lets linear_in gather (and re-gather in backward) its input."""
+        ok, reason = self._sequence_parallel_input_regather_eligibility()
+        if reason is not None and not self._regather_fallback_logged:
+            logger.debug("sequence_parallel_input_regather off for %s: %s",
+                         self.base_linear_name, reason)
+            self._regather_fallback_logged = True
+        return ok
+
+    def _sequence_parallel_input_regather_eligibility(self, x: torch.Tensor | None = None
+                                                      ) -> tuple[bool, str | None]:
+        """(eligible, why not) for the regather path (Megatron-Bridge's name); the reason is
+        None when it was not asked for or nothing is saved (eval, no grad)."""
         if not self.sequence_parallel_input_regather or not self._megatron:
-            return False
+            return False, None
         if not self.training or not torch.is_grad_enabled():
-            return False
+            return False, None
         from megatron.core.tensor_parallel.random import is_checkpointing
 
-        reason = None
         cfg = self.config
         if is_checkpointing() or getattr(cfg, "recompute_granularity", None) == "full":
-            reason = "activation recompute already re-runs the adapter"
-        elif self.input_is_parallel:
-            reason = "the adapter is row-parallel"
-        elif self.disable_sequence_parallel_comm:
-            reason = "no sequence-parallel communication (SP off, or the base gathers it)"
-        elif group_size(self.tp_group) <= 1:
-            reason = "tensor-parallel size is 1"
-        elif not self.linear_in.weight.requires_grad:
-            reason = "linear_in is frozen"
-        elif getattr(cfg, "cpu_offloading", False) and getattr(cfg, "cpu_offloading_activations",
-                                                                False):
-            reason = "CPU activation offloading is on"
-        if reason is not None:
-            if not self._regather_fallback_logged:
-                logger.debug("sequence_parallel_input_regather off for %s: %s",
-                             self.base_linear_name, reason)
-                self._regather_fallback_logged = True
-            return False
-        return True
+            return False, "activation recompute already re-runs the adapter"
+        if self.input_is_parallel:
+            return False, "the adapter is row-parallel"
+        if self.disable_sequence_parallel_comm:
+            return False, "no sequence-parallel communication (SP off, or the base gathers it)"
+        if group_size(self.tp_group) <= 1:
+            return False, "tensor-parallel size is 1"
+        if not self.linear_in.weight.requires_grad:
+            return False, "linear_in is frozen"
+        if self.activation_name != "identity":
+            return False, "the adapter activation is not identity"
+        if getattr(cfg, "cpu_offloading", False) and getattr(cfg, "cpu_offloading_activations",
+                                                              False):
+            return False, "CPU activation offloading is on"
+        return True, None
+
+    @staticmethod
+    def _get_init_fn(init_method: str):
+        """The initialiser of ``init_method`` (Megatron-Bridge's method name; see get_init_fn)."""
+        return get_init_fn(init_method)
+
+    @staticmethod
+    def _get_activation_fn(activation: str) -> nn.Module:
+        """A fresh activation module for ``activation`` (Megatron-Bridge's method name)."""
+        if activation not in ACTIVATIONS:
+            raise PEFTConfigError(
+                f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        return ACTIVATIONS[activation]()
 
     def delta_weight(self) -> torch.Tensor:
         """This rank's shard of s · B @ A (fp32, detached): [N/tp, K] beside a column-parallel
@@ -299,6 +318,11 @@ class ParallelLinearAdapter(nn.Module):
         gated fc1 split per swiglu half, B of a Mamba in_proj per z/x/B/C/dt block."""
         from bridge.peft.adapter_wrapper import _module_sharded_state_dict
 
+        if self._megatron and (metadata is None or "dp_cp_group" not in metadata):
+            # megatron's linears read metadata['dp_cp_group']: a copy with it, for them only
+            from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+            metadata = ensure_metadata_has_dp_cp_group(dict(metadata or {}))
         out = {}
         for name in ("linear_in", "linear_out"):
             out.update(_module_sharded_state_dict(getattr(self, name), f"{prefix}{name}.",

@@ -26,8 +26,13 @@ __all__ = [
 
 
 def group_size(group) -> int:
-    """World size of ``group`` (1 without a group or an initialised process group)."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
+    """World size of ``group``, read from the group itself (no global state): 1 without one."""
+    if group is None:
+        return 1
+    size = getattr(group, "size", None)
+    if callable(size):
+        return int(size())
+    if not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
 

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+try:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+except ImportError:  # megatron-core is optional: plain nn.Linear still works
+    ColumnParallelLinear = RowParallelLinear = None
+
 from bridge.peft.adapter_init import (
     init_method_const,
     init_method_kaiming_uniform,
@@ -28,10 +33,12 @@ from bridge.peft.tp import all2all_hp2sp, group_size, pad_seq_to_mult, unpad_seq
 __all__ = [
     "AdapterAttributes",
     "ParallelLinearAdapter",
+    "align_expert_dim_for_tp",
     "all2all_hp2sp",
     "create_peft",
     "create_peft_hook",
     "get_adapter_attributes_from_linear",
+    "get_effective_lora_dim",
     "init_method_const",
     "init_method_kaiming_uniform",
     "init_method_normal",
@@ -89,6 +96,36 @@ def is_expert_linear(fqn: str | None) -> bool:
 def is_grouped_expert_linear(fqn: str | None) -> bool:
     """An expert linear of a grouped-GEMM expert layer (not under ``.local_experts.``)."""
     return is_expert_linear(fqn) and ".local_experts." not in str(fqn)
+
+
+def get_effective_lora_dim(module: nn.Module, *, dim: int, normalize_moe_lora: bool,
+                           is_expert: bool) -> int:
+    """The rank for ``module``: ``dim // moe_router_topk`` for an expert linear with
+    ``normalize_moe_lora`` (the adapter capacity of a dense model), else ``dim``.
+
+    Raises:
+        ValueError: topk unset or not positive, or ``dim`` not divisible by it.
+    """
+    if not normalize_moe_lora or not is_expert:
+        return dim
+    topk = getattr(getattr(module, "config", None), "moe_router_topk", None)
+    if topk is None or topk <= 0:
+        raise ValueError(f"normalize_moe_lora is enabled but moe_router_topk is {topk!r}; set it "
+                         "to a positive integer on the model config")
+    if dim % topk:
+        raise ValueError(f"LoRA dim={dim} must be divisible by moe_router_topk={topk} when "
+                         "normalize_moe_lora is enabled")
+    return dim // topk
+
+
+def align_expert_dim_for_tp(module: nn.Module, dim: int, *, normalize_moe_lora: bool,
+                            is_expert: bool, input_is_parallel: bool, pg_collection=None) -> int:
+    """A normalised expert rank rounded up to a multiple of the expert TP size (a
+    column-parallel adapter splits A on r)."""
+    if not normalize_moe_lora or not is_expert or input_is_parallel:
+        return dim
+    tp = _tp_size(True, module, pg_collection)
+    return dim if tp <= 1 or dim % tp == 0 else -(-dim // tp) * tp
 
 
 @functools.lru_cache(maxsize=1)
@@ -211,10 +248,6 @@ def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False,
     if is_te_module(m):
         return _te_attributes(m, attrs, sequence_parallel, is_expert, pg_collection,
                               sequence_parallel_input_regather, probe)
-    try:
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    except ImportError:  # megatron-core is optional: plain nn.Linear still works
-        ColumnParallelLinear = RowParallelLinear = ()  # noqa: N806
     if ColumnParallelLinear and isinstance(m, ColumnParallelLinear):
         return attrs(False, m.input_size, m.output_size)
     if RowParallelLinear and isinstance(m, RowParallelLinear):

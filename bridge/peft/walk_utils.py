@@ -2,7 +2,8 @@
 ``map``, ``walk``, ``forall``), plus ``map_modules``, the walk the PEFT transforms use.
 
 Semantics of ``map`` / ``walk`` (as upstream): ``func(module, **kwargs)`` is applied to the module
-itself and, with ``walk``, to every descendant; each child is replaced by what the walk returns
+itself and to every descendant (upstream's ``map`` descends too: its ``recurse`` flag changes
+nothing, and ``walk`` is ``map(recurse=True)``); each child is replaced by what the walk returns
 for it. A child is visited with the keyword arguments its signature names among ``name`` (its
 attribute name), ``prefix`` (the dotted path of its parent), ``i`` (its index among its
 siblings) and any extra ``**kwargs`` given to the walk; the root gets only the extra kwargs.
@@ -41,7 +42,7 @@ _POSITION_KWARGS = ("i", "name", "prefix")
 
 
 def map(module: _TModule, func: ModuleFunc, leaf_only: bool = False, **kwargs) -> _TModule:  # noqa: A001
-    """Apply ``func`` to ``module`` (and, with ``recurse=True``, to its descendants).
+    """Apply ``func`` to ``module`` and its descendants (see the module docstring).
 
     A module with its own ``map`` method handles the call itself; containers are mapped item by
     item and rebuilt. See the module docstring for the keyword arguments ``func`` receives.
@@ -95,12 +96,11 @@ def _map_module(module: nn.Module, func: ModuleFunc, recurse: bool = False,
     new_module = module
     if not leaf_only or builtins.any(True for _ in module.parameters(recurse=False)):
         new_module = func(module, **_func_kwargs(func, kwargs))
-    if recurse:
-        prefix, rest = _child_prefix(kwargs), _rest(kwargs)
-        for i, (name, child) in enumerate(list(module.named_children())):
-            setattr(new_module, name, map(child, func, recurse=recurse, leaf_only=leaf_only,
-                                          transformed_modules=seen, i=i, name=name,
-                                          prefix=prefix, **rest))
+    prefix, rest = _child_prefix(kwargs), _rest(kwargs)
+    for i, (name, child) in enumerate(list(module.named_children())):  # recurse or not (upstream)
+        setattr(new_module, name, map(child, func, recurse=recurse, leaf_only=leaf_only,
+                                      transformed_modules=seen, i=i, name=name, prefix=prefix,
+                                      **rest))
     seen.add(id(new_module))
     return new_module
 
