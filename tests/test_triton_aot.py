@@ -103,9 +103,10 @@ def test_gemm_main_loops_are_pipelined(report):
 def test_launch_specialisation_of_the_sweep(report):
     """Sizes and leading strides given as "i32" are tagged divisible by 16, unit strides become
     constexprs (and only they), and no constexpr carries a divisibility tag."""
-    by_kernel = {s["kernel"].__name__: s for s in aot._specs() if s["kernel"] is not None}
+    specs = {(s["module"], s["kernel"].__name__, s["variant"]): s for s in aot._specs()
+             if s["kernel"] is not None}
     for r in report:
-        sig = by_kernel[r["kernel"]]["sig"]
+        sig = specs[r["module"], r["kernel"], r["variant"]]["sig"]
         sizes = {n for n, t in sig.items() if t in ("i32", "i64") or str(t).startswith("*")
                  or (type(t) is int and t != 1 and t % 16 == 0)}
         units = {n for n, t in sig.items() if type(t) is int and t == 1}
