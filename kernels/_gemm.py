@@ -317,7 +317,10 @@ def _g(num_warps: int, num_stages: int, bm: int, bj: int, bl: int, split: int = 
 
 
 def _configs_sm80() -> dict[str, list]:
-    """A100 (sm_80, 164 KB smem/SM, mma.sync, cp.async)."""
+    """A100 (sm_80, 164 KB smem/SM, mma.sync, cp.async). The 128x256 tile and the 128x128
+    mask tile, once dropped as spilling, are back: built as a launch builds them (sizes divisible
+    by 16) they hold 254 and 244 registers without a spill (the old AOT build did not mark the
+    sizes, and the S tile rode beside the accumulator after the loop)."""
     return {
         "gemm": [
             _g(8, 3, 128, 256, 32),
