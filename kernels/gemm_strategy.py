@@ -175,8 +175,9 @@ class GemmChooser:
     def choose(self, key: GemmKey, candidates: Callable[[], dict] | None, *,
                device: torch.device, group=None, may_time: bool = True) -> str:
         """The strategy for ``key``. ``candidates()`` builds {strategy: thunk} of the GEMM step,
-        called only to time. ``may_time=False`` (tracing, capture): no timing, no collective,
-        and a fallback answer is not remembered, so a later eager call still measures."""
+        called only to time. ``may_time=False`` (tracing, capture): no timing, no collective;
+        the cache file (not for a group) or the heuristic, the latter kept apart as provisional
+        so that a later call that may time still measures."""
         mkey = (key, group)
         hit = self._memory.get(mkey)
         if hit is not None:
@@ -226,16 +227,26 @@ class GemmChooser:
 
     def _group_decision(self, key, candidates, device, group, arch) -> Decision:
         dist = torch.distributed
+        mine, error = None, None
         if dist.get_rank(group) == 0:
-            mine = self._local_decision(key, candidates, device, arch)
-            choice = torch.tensor([STRATEGIES.index(mine.choice)], dtype=torch.int64)
+            try:
+                mine = self._local_decision(key, candidates, device, arch)
+            except Exception as exc:  # noqa: BLE001  (re-raised after telling the group)
+                error = exc
+            code = -1 if error is not None else STRATEGIES.index(mine.choice)
+            choice = torch.tensor([code], dtype=torch.int64)
         else:
-            mine, choice = None, torch.zeros(1, dtype=torch.int64)
+            choice = torch.zeros(1, dtype=torch.int64)
         on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
         choice = choice.to(on)
         dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
-        agreed = STRATEGIES[int(choice.item())]
-        return mine if mine is not None else Decision(agreed, None, "group rank 0")
+        code = int(choice.item())
+        if error is not None:
+            raise error
+        if code < 0:  # never wait in a collective rank 0 has left
+            raise RuntimeError(f"{key.describe()}: tensor-parallel rank 0 could not time either "
+                               "GEMM strategy (see its log); set BRIDGE_LORA_GEMM to choose one")
+        return mine if mine is not None else Decision(STRATEGIES[code], None, "group rank 0")
 
     def _time(self, key: GemmKey, candidates: Callable[[], dict],
               device: torch.device) -> dict[str, float]:
