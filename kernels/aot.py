@@ -27,8 +27,8 @@ Specs come from every module of ``bridge.kernels`` that defines ``aot_specs()`` 
     gemm        (optional) a GEMM-shaped kernel: its main loop must be pipelined. Default: the
                 kernel is defined in kernels/_gemm.py
     archs       (optional) the compute capabilities to build for (default: all of ARCHS)
-kernels/_gemm.py and kernels/_lowrank.py fall back to the specs written here while they define no
-``aot_specs()`` of their own.
+Every ``@triton.jit`` function named ``*_kernel`` in those modules must appear in some spec
+(tests/test_triton_aot.py checks it).
 
 Each JSON row: kernel, variant, arch, config, ok, registers, spill_stores/loads, shared_bytes,
 tensor_cores; for kernels with a tensor-core loop, the main loop (the loop with the most
@@ -65,61 +65,6 @@ _PHILOX_ROUND_B = (-845247145, 3449720151)  # 0xCD9E8D57 as signed / unsigned i3
 _UNIFORM_SCALE = 4.6566127342e-10  # uint_to_uniform_float's scale of a 32-bit word
 
 
-def _legacy_specs(module_name: str) -> list[dict]:
-    """The specs of kernels/_gemm.py or kernels/_lowrank.py, for as long as that module does not
-    define ``aot_specs()``: bf16, the largest rank tiles, dropout on (the most work)."""
-    from bridge.kernels import _gemm, _lowrank
-
-    dt, f32, i32, i64p, f32p = "*bf16", "fp32", "i32", "*i64", "*fp32"
-    common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": 64}
-
-    def spec(kernel, variant, configs, sig, fixed, uses_dot=True):
-        module = _gemm if configs in ("fwd", "fwd_two_acc", "dx", "dx_two_acc") else _lowrank
-        return {"kernel": kernel, "variant": variant, "configs": configs, "sig": sig,
-                "fixed": fixed, "uses_dot": uses_dot, "configs_fn": module.configs}
-
-    if module_name == "_gemm":
-        fwd_sig = {"x_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "s_ptr": f32p, "b_ptr": dt,
-                   "y_ptr": dt, "seed_ptr": i64p, "M": i32, "N": i32, "K": i32, "R": i32,
-                   "stride_xm": i32, "stride_xk": 1, "stride_wn": i32, "stride_wk": 1,
-                   "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32, "keep_scale": f32}
-        dx_sig = {"dy_ptr": dt, "w_ptr": dt, "ds_ptr": f32p, "a_ptr": dt, "dx_ptr": dt,
-                  "seed_ptr": i64p, "M": i32, "N": i32, "K": i32, "R": i32, "stride_dym": i32,
-                  "stride_dyn": 1, "stride_wn": i32, "stride_wk": 1, "stride_ar": i32,
-                  "stride_ak": 1, "p": f32, "keep_scale": f32}
-        gemm = {**common, "BLOCK_R": _gemm.GEMM_RANK_STEP}
-        return [
-            spec(_gemm._lora_linear_fwd_kernel, "bias", "fwd", fwd_sig,
-                 {**gemm, "HAS_BIAS": True, "POST_DROPOUT": False}),
-            spec(_gemm._lora_linear_fwd_kernel, "bias+post-dropout", "fwd_two_acc", fwd_sig,
-                 {**gemm, "HAS_BIAS": True, "POST_DROPOUT": True}),
-            spec(_gemm._lora_linear_bwd_dx_kernel, "no-mask", "dx", dx_sig,
-                 {**gemm, "PRE_DROPOUT": False}),
-            spec(_gemm._lora_linear_bwd_dx_kernel, "pre-dropout", "dx_two_acc", dx_sig,
-                 {**gemm, "PRE_DROPOUT": True}),
-        ]
-    shrink_sig = {"x_ptr": dt, "a_ptr": dt, "s_ptr": f32p, "seed_ptr": i64p, "M": i32, "K": i32,
-                  "R": i32, "stride_xm": i32, "stride_xk": 1, "stride_ar": i32, "stride_ak": 1,
-                  "p": f32, "keep_scale": f32}
-    dsdb_sig = {"dy_ptr": dt, "b_ptr": dt, "s_ptr": f32p, "ds_ptr": f32p, "dbp_ptr": f32p,
-                "seed_ptr": i64p, "M": i32, "N": i32, "R": i32, "stride_dym": i32,
-                "stride_dyn": 1, "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32,
-                "keep_scale": f32}
-    da_sig = {"ds_ptr": f32p, "x_ptr": dt, "da_ptr": dt, "seed_ptr": i64p, "M": i32, "K": i32,
-              "R": i32, "stride_xm": i32, "stride_xk": 1, "p": f32, "keep_scale": f32}
-    dsdb_fixed = {**common, "BLOCK_M": _lowrank.DSDB_BLOCK_M["sm80"]}
-    return [
-        spec(_lowrank._lora_linear_shrink_kernel, "pre-dropout", "shrink", shrink_sig,
-             {**common, "HAS_DROPOUT": True}),
-        spec(_lowrank._lora_linear_bwd_dsdb_kernel, "post-dropout", "dsdb", dsdb_sig,
-             {**dsdb_fixed, "POST_DROPOUT": True, "WRITE_DB": True}),
-        spec(_lowrank._lora_linear_bwd_dsdb_kernel, "no-mask, dB as its own GEMM", "dsdb",
-             dsdb_sig, {**dsdb_fixed, "POST_DROPOUT": False, "WRITE_DB": False}),
-        spec(_lowrank._lora_linear_bwd_da_kernel, "pre-dropout", "da", da_sig,
-             {**common, "PRE_DROPOUT": True}),
-    ]
-
-
 def _jit_fn(kernel):
     """The JITFunction under autotuner/heuristics wrappers."""
     while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
@@ -132,7 +77,7 @@ def _specs() -> list[dict]:
     """Every spec of every kernel module (see the module docstring), normalised."""
     import bridge.kernels as package
 
-    specs, have = [], set()
+    specs = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name == "aot":
             continue
@@ -144,10 +89,6 @@ def _specs() -> list[dict]:
             continue
         if callable(getattr(module, "aot_specs", None)):
             specs.extend({"module": info.name, **s} for s in module.aot_specs())
-            have.add(info.name)
-    for name in ("_gemm", "_lowrank"):
-        if name not in have:
-            specs.extend({"module": name, **s} for s in _legacy_specs(name))
     for s in specs:
         if s["kernel"] is None:
             continue
