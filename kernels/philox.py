@@ -66,12 +66,16 @@ def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
         if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise TypeError(f"seed tensor must have an integer dtype; got {seed.dtype}")
         return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([_check_int_seed(seed)], dtype=torch.int64, device=device)
+
+
+def _check_int_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or an int64 tensor of one element; got "
                         f"{type(seed).__name__} {seed!r}")
     if not _INT64[0] <= seed <= _INT64[1]:
         raise ValueError(f"seed must fit in int64 ([-2**63, 2**63 - 1]); got {seed}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+    return seed
 
 
 if HAS_TRITON:
@@ -197,7 +201,7 @@ def philox_keep_mask(
         s = seed_tensor(seed, device).reshape(())
         k0, k1 = s & _M32, (s >> 32) & _M32
     else:
-        s = int(seed_tensor(seed, "cpu"))  # validates the seed
+        s = _check_int_seed(seed)
         k0, k1 = s & _M32, (s >> 32) & _M32
     p_t = torch.tensor(p, dtype=torch.float32, device=device)
     out = torch.empty((rows, groups, 4), dtype=torch.bool, device=device)

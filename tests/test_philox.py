@@ -203,3 +203,15 @@ def test_a_device_seed_needs_no_host_copy():
     seed = torch.tensor([2**35 + 17])
     assert torch.equal(philox_keep_mask(seed, (4, 9), 0.4, "cpu"),
                        philox_keep_mask(2**35 + 17, (4, 9), 0.4, "cpu"))
+
+
+def test_torch_mask_traces_under_torch_compile_fullgraph():
+    # the eager backends draw it inside modules that users compile: no graph break, same bits
+    def dropped(x, seed):
+        return x * philox_keep_mask(seed, x.shape, 0.25, x.device) / 0.75
+
+    x, seed = torch.randn(5, 9), torch.tensor([1234])
+    compiled = torch.compile(dropped, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, seed), dropped(x, seed))
+    compiled_int = torch.compile(lambda t: dropped(t, 1234), fullgraph=True, backend="eager")
+    assert torch.equal(compiled_int(x), dropped(x, seed))
