@@ -349,6 +349,19 @@ def test_canonical_lora_derives_its_mapping_when_applied():
         peft(tiny_gpt_model(num_layers=1))
 
 
+def test_canonical_targets_that_match_nothing_are_logged_by_their_own_name(caplog):
+    import logging
+
+    from tests.megatron_utils import tiny_gpt_model
+
+    peft = CanonicalLoRA(target_modules=["linear_q", "linear_fc1_up", "*.layers.9.*.linear_v"],
+                         dim=2)
+    with caplog.at_level(logging.WARNING, logger="bridge.peft.module_matcher"):
+        peft(tiny_gpt_model(num_layers=1))
+    assert [r.getMessage() for r in caplog.records if r.name == "bridge.peft.module_matcher"] == [
+        "No modules matched the requested target_modules entries: *.layers.9.*.linear_v"]
+
+
 def test_split_qkv_infers_its_layout_from_the_base():
     """No num_attention_heads needed: the head size from kv_channels (or hidden_size / heads),
     the groups from the k/v outputs."""

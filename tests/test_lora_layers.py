@@ -25,6 +25,7 @@ from bridge.peft import (
 )
 from bridge.peft.utils import AdapterAttributes, is_expert_linear
 from tests.conftest import requires_kernel_device
+from tests.numerics import assert_close_rel, dtype_tol
 
 K, N, R = 12, 10, 4
 ALPHA = 8.0
@@ -631,7 +632,7 @@ def test_duplicated_te_linear_adapter_grads_are_marked_for_the_tp_reduction(sp):
 
 @requires_kernel_device()
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_adapter_takes_the_fused_path(bias):
+def test_linear_adapter_takes_the_fused_path(bias, kernel_device):
     """LoRALinear(nn.Linear, LinearAdapter) runs as one fused op (the wrapper hands the call to
     bridge.kernels) with the eager module's values and gradients."""
     from bridge.peft.fused_forward import fused_lora_forward
@@ -639,19 +640,19 @@ def test_linear_adapter_takes_the_fused_path(bias):
     results = {}
     for backend in ("eager", "triton"):
         torch.manual_seed(0)
-        base = nn.Linear(K, N, bias=bias).requires_grad_(False)
+        base = nn.Linear(K, N, bias=bias).requires_grad_(False).to(kernel_device)
         m = LoRALinear(base, LinearAdapter(base, dim=R, alpha=ALPHA, lora_B_init_method="normal"),
                        kernel_backend=backend)
-        x = randn(3, 5, K, seed=11).requires_grad_(True)
+        x = randn(3, 5, K, seed=11).to(kernel_device).requires_grad_(True)
         fused = fused_lora_forward(m, x, (), {})
         assert (fused is None) is (backend == "eager")  # triton: the fused op ran
         y = m(x)
-        (y * randn(3, 5, N, seed=12)).sum().backward()
+        (y * randn(3, 5, N, seed=12).to(kernel_device)).sum().backward()
         results[backend] = (y, x.grad, m.adapter.linear_in.weight.grad,
                             m.adapter.linear_out.weight.grad)
     for name, got, want in zip(("y", "dx", "dA", "dB"), results["triton"], results["eager"],
                                strict=True):
-        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=name)
+        assert_close_rel(got, want, dtype_tol(torch.float32), what=name)
 
 
 @pytest.mark.parametrize("name", ["xavier", "uniform"])
