@@ -242,6 +242,9 @@ def mamba_dim_info(in_proj: nn.Module) -> dict[str, int]:
             "d_state": d_state, "nheads_local_tp": nheads // tp}
 
 
+_compute_mamba_dim_info = mamba_dim_info  # Megatron-Bridge's name
+
+
 def _module_sharded_state_dict(module: nn.Module, prefix: str, sharded_offsets, metadata,
                                **extra) -> dict:
     """``module.sharded_state_dict`` if it has one (``metadata`` passed on as given), else

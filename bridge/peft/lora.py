@@ -27,11 +27,16 @@ from bridge.peft.utils import (
     is_te_module,
 )
 
-try:
-    from megatron.core.utils import unwrap_model
-except ImportError:  # megatron-core is optional for plain nn.Linear models
-    def unwrap_model(model):
+
+def unwrap_model(model):
+    """megatron-core's ``unwrap_model`` (DDP / Float16Module off), imported on first use; the
+    model itself without megatron-core."""
+    try:
+        from megatron.core.utils import unwrap_model as unwrap
+    except ImportError:
         return model
+    return unwrap(model)
+
 
 logger = logging.getLogger(__name__)
 

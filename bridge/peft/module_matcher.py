@@ -14,11 +14,6 @@ from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.errors import PEFTConfigError
 from bridge.peft.utils import is_te_module, wildcard_match
 
-try:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-except ImportError:  # megatron-core is optional: plain nn.Linear models still match
-    ColumnParallelLinear = RowParallelLinear = None
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TARGETS", "ModuleMatcher"]
@@ -26,9 +21,30 @@ __all__ = ["DEFAULT_TARGETS", "ModuleMatcher"]
 DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
+def _megatron_linears() -> tuple[type | None, type | None]:
+    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), imported
+    on first use and kept as this module's names (so importing bridge.peft stays light)."""
+    g = globals()
+    if "ColumnParallelLinear" not in g:
+        try:
+            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        except ImportError:  # megatron-core is optional: plain nn.Linear still works
+            ColumnParallelLinear = RowParallelLinear = None  # noqa: N806
+        g.setdefault("ColumnParallelLinear", ColumnParallelLinear)
+        g.setdefault("RowParallelLinear", RowParallelLinear)
+    return g["ColumnParallelLinear"], g["RowParallelLinear"]
+
+
+def __getattr__(name: str):
+    if name in ("ColumnParallelLinear", "RowParallelLinear"):
+        return dict(zip(("ColumnParallelLinear", "RowParallelLinear"), _megatron_linears(),
+                        strict=True))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _linear_types() -> tuple[type, ...]:
     """What exclude-mode matching adapts (read at call time from this module's names)."""
-    return tuple(t for t in (ColumnParallelLinear, RowParallelLinear, nn.Linear) if t is not None)
+    return tuple(t for t in (*_megatron_linears(), nn.Linear) if t is not None)
 
 
 @dataclass

@@ -14,11 +14,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-try:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-except ImportError:  # megatron-core is optional: plain nn.Linear still works
-    ColumnParallelLinear = RowParallelLinear = None
-
 from bridge.peft.adapter_init import (
     init_method_const,
     init_method_kaiming_uniform,
@@ -58,6 +53,27 @@ TE_LAYERNORM_COLUMN = ("TELayerNormColumnParallelLinear", "LayerNormLinear")
 TE_COLUMN = ("TEColumnParallelLinear", "TEColumnParallelGroupedLinear")
 TE_ROW = ("TERowParallelLinear", "TERowParallelGroupedLinear")
 TE_LINEAR = ("TELinear", "Linear")
+
+
+def _megatron_linears() -> tuple[type | None, type | None]:
+    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), imported
+    on first use and kept as this module's names (so importing bridge.peft stays light)."""
+    g = globals()
+    if "ColumnParallelLinear" not in g:
+        try:
+            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        except ImportError:  # megatron-core is optional: plain nn.Linear still works
+            ColumnParallelLinear = RowParallelLinear = None  # noqa: N806
+        g.setdefault("ColumnParallelLinear", ColumnParallelLinear)
+        g.setdefault("RowParallelLinear", RowParallelLinear)
+    return g["ColumnParallelLinear"], g["RowParallelLinear"]
+
+
+def __getattr__(name: str):
+    if name in ("ColumnParallelLinear", "RowParallelLinear"):
+        return dict(zip(("ColumnParallelLinear", "RowParallelLinear"), _megatron_linears(),
+                        strict=True))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -248,6 +264,7 @@ def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False,
     if is_te_module(m):
         return _te_attributes(m, attrs, sequence_parallel, is_expert, pg_collection,
                               sequence_parallel_input_regather, probe)
+    ColumnParallelLinear, RowParallelLinear = _megatron_linears()  # noqa: N806
     if ColumnParallelLinear and isinstance(m, ColumnParallelLinear):
         return attrs(False, m.input_size, m.output_size)
     if RowParallelLinear and isinstance(m, RowParallelLinear):
