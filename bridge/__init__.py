@@ -1,3 +1,5 @@
 """Fused-kernel PEFT for Megatron-Core: Megatron-Bridge's PEFT API over Triton/CUDA kernels."""
 
-__version__ = "0.1.0"
+from bridge._version import __version__
+
+__all__ = ["__version__"]
