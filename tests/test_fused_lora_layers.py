@@ -1,13 +1,14 @@
 """LoRALinear through the fused kernels (Triton, interpreted here) equals its eager module path,
 for every base the fused path takes: megatron Column/RowParallelLinear, nn.Linear, bridge's
-LayerNormColumnParallelLinear and a transformer-engine-shaped LayerNorm linear (no TE import),
-in all the return patterns they produce; values and the gradients of x, A, B and the norm."""
+LayerNormColumnParallelLinear and the transformer-engine stand-ins (tests/te_standins.py:
+TELayerNormColumnParallelLinear, TEColumnParallelLinear, TERowParallelLinear, a duplicated
+TELinear, TE's own Linear), in all the return patterns they produce (TE's empty bias, its
+te_return_bias, a bare tensor); values and the gradients of x, A, B and the norm."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import requires_kernel_device
@@ -17,35 +18,6 @@ pytest.importorskip("megatron.core", reason="megatron-core not installed (pip in
 pytestmark = [requires_kernel_device(), pytest.mark.usefixtures("megatron_tp1")]
 K, N, R = 40, 24, 5
 TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-class TELayerNormColumnParallelLinear(nn.Module):
-    """Shaped like megatron's TE wrapper: attributes and returns, computed in torch."""
-
-    def __init__(self, config, k, n, *, normalization, skip_bias_add, zero_centered_gamma=False):
-        super().__init__()
-        self.config, self.in_features, self.out_features = config, k, n
-        self.parallel_mode = "column"
-        self.normalization, self.eps = normalization, 1e-5
-        self.zero_centered_gamma = zero_centered_gamma
-        self.te_return_bias = skip_bias_add
-        self.return_layernorm_output = False
-        self.weight = nn.Parameter(torch.randn(n, k) * 0.2)
-        self.bias = nn.Parameter(torch.randn(n))
-        self.layer_norm_weight = nn.Parameter(torch.randn(k) * 0.3 + (0 if zero_centered_gamma else 1))
-        self.layer_norm_bias = nn.Parameter(torch.randn(k) * 0.3) if normalization == "LayerNorm" \
-            else None
-
-    def forward(self, x):
-        gamma = self.layer_norm_weight + (1 if self.zero_centered_gamma else 0)
-        if self.normalization == "LayerNorm":
-            ln = F.layer_norm(x, (self.in_features,), gamma, self.layer_norm_bias, self.eps)
-        else:
-            ln = F.rms_norm(x, (self.in_features,), gamma, self.eps)
-        out = F.linear(ln, self.weight, None if self.te_return_bias else self.bias)
-        if self.te_return_bias:
-            return (out, self.bias, ln) if self.return_layernorm_output else (out, self.bias)
-        return ((out, ln) if self.return_layernorm_output else out), None
 
 
 def build(kind: str, skip_bias_add: bool, normalization: str = "LayerNorm", zcg: bool = False):
@@ -72,8 +44,36 @@ def build(kind: str, skip_bias_add: bool, normalization: str = "LayerNorm", zcg:
             if base.layer_norm_bias is not None:
                 base.layer_norm_bias.normal_(0, 0.3)
         return base
-    return TELayerNormColumnParallelLinear(cfg, K, N, normalization=normalization,
-                                           skip_bias_add=skip_bias_add, zero_centered_gamma=zcg)
+    return _te_base(kind, cfg, common, zcg)
+
+
+def _te_base(kind: str, cfg, common: dict, zcg: bool):
+    """A transformer-engine stand-in with random norm weights and bias (TE initialises them to
+    ones and zeros, which would hide mistakes)."""
+    from tests import te_standins as te
+
+    te_common = dict(common, is_expert=False)
+    if kind == "te":
+        base = te.TELayerNormColumnParallelLinear(K, N, gather_output=False, **te_common)
+    elif kind in ("te-column", "te-nobias"):
+        base = te.TEColumnParallelLinear(K, N, gather_output=False,
+                                         **dict(te_common, bias=kind == "te-column"))
+    elif kind == "te-row":
+        base = te.TERowParallelLinear(K, N, input_is_parallel=True, **te_common)
+    elif kind == "te-dup":
+        base = te.TELinear(K, N, parallel_mode="duplicated", skip_weight_param_allocation=False,
+                           **common)
+    else:  # TE's own Linear (no megatron wrapper): a bare tensor unless return_bias
+        base = te.Linear(K, N, return_bias=common["skip_bias_add"], params_dtype=torch.float32,
+                         init_method=common["init_method"])
+    with torch.no_grad():
+        if base.bias.numel():
+            base.bias.normal_()
+        if kind == "te":
+            base.layer_norm_weight.normal_(0 if zcg else 1, 0.3)
+            if base.layer_norm_bias is not None:
+                base.layer_norm_bias.normal_(0, 0.3)
+    return base
 
 
 def run(kind, backend, skip_bias_add, **kw):
@@ -105,6 +105,7 @@ def run(kind, backend, skip_bias_add, **kw):
     (y * torch.randn(y.shape, generator=g)).sum().backward()
     a, b = wrapper.adapter.linear_in.weight, wrapper.adapter.linear_out.weight
     return {"y": y, "bias": bias, "bare": isinstance(out, torch.Tensor), "dx": x.grad,
+            "wrapper": wrapper,
             "dA": a.grad, "dB": b.grad, **{f"d_norm{i}": p.grad for i, p in enumerate(norm)}}
 
 
@@ -112,7 +113,10 @@ CASES = [("column", False, {}), ("column", True, {}), ("row", False, {}), ("row"
          ("linear", False, {}),
          ("lncol", False, {}), ("lncol", True, {}), ("lncol", False, {"normalization": "RMSNorm"}),
          ("lncol", True, {"zcg": True}),
-         ("te", False, {}), ("te", True, {"normalization": "RMSNorm"})]
+         ("te", False, {}), ("te", True, {"normalization": "RMSNorm"}), ("te", True, {"zcg": True}),
+         ("te-column", False, {}), ("te-column", True, {}), ("te-nobias", True, {}),
+         ("te-row", False, {}), ("te-row", True, {}), ("te-dup", False, {}), ("te-dup", True, {}),
+         ("te-raw", False, {}), ("te-raw", True, {})]
 
 
 @pytest.mark.parametrize("kind, skip_bias_add, kw", CASES,
@@ -121,22 +125,32 @@ CASES = [("column", False, {}), ("column", True, {}), ("row", False, {}), ("row"
 def test_fused_equals_eager(kind, skip_bias_add, kw):
     eager = run(kind, "eager", skip_bias_add, **kw)
     fused = run(kind, "triton", skip_bias_add, **kw)
+    wrapper = fused.pop("wrapper")
+    eager.pop("wrapper")
     assert fused.keys() == eager.keys()
-    assert fused["bare"] == eager["bare"] == (kind == "linear")
+    assert fused["bare"] == eager["bare"] == (kind == "linear" or kind == "te-raw"
+                                              and not skip_bias_add)
     for key, ref in eager.items():
         if isinstance(ref, torch.Tensor):
             torch.testing.assert_close(fused[key].detach(), ref.detach(), **TOL, msg=key)
         else:
             assert fused[key] == ref, key
-    # the bias comes back separately exactly when skip_bias_add asks for it
-    assert (eager["bias"] is not None) == (skip_bias_add and kind != "linear")
+    # the bias comes back separately exactly when skip_bias_add asks for it (and there is one:
+    # megatron's TE wrappers return None for bias=False, whatever skip_bias_add says)
+    assert (eager["bias"] is not None) == (skip_bias_add and kind not in ("linear", "te-nobias"))
+    if kind.startswith("te"):
+        from bridge.peft.fused_forward import fused_plan
+
+        assert fused_plan(wrapper).backend == "triton"
 
 
-def test_te_stand_in_takes_the_norm_fused_path():
+def test_te_stand_ins_take_the_fused_path_by_their_parallel_mode():
     from bridge.peft.fused_forward import base_kind
 
-    base = build("te", False)
-    assert base_kind(base) == ("norm", "")
+    expect = {"te": "norm", "te-column": "column", "te-nobias": "column", "te-row": "row",
+              "te-dup": "duplicated", "te-raw": "duplicated"}
+    for kind, layout in expect.items():
+        assert base_kind(build(kind, False)) == (layout, ""), kind
 
 
 def test_input_in_another_dtype_takes_the_eager_path_and_says_why(caplog):
@@ -203,7 +217,7 @@ def test_torch_compile_fullgraph_of_the_wrapped_layer(kind):
 @pytest.mark.parametrize("kind, skip_bias_add, kw", [("column", True, {}), ("row", False, {}),
                                                      ("linear", False, {}),
                                                      ("lncol", False, {"normalization": "RMSNorm"}),
-                                                     ("te", True, {})])
+                                                     ("te", True, {}), ("te-row", True, {})])
 def test_cublas_strategy_equals_eager(kind, skip_bias_add, kw, monkeypatch):
     """The wrapper's requested GEMM strategy (``kernel_gemm``, read by the fused path) reaches
     the op: with 'cublas' every base gives the eager module's values and gradients."""
