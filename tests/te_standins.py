@@ -147,7 +147,7 @@ class TELinear(_WrapperForward, Linear):
 
     def __init__(self, input_size, output_size, *, parallel_mode, config, init_method, bias,
                  skip_bias_add, skip_weight_param_allocation, tp_comm_buffer_name=None,
-                 is_expert=False, symmetric_ar_type=None, tp_group=None) -> None:
+                 is_expert=False, symmetric_ar_type=None, tp_group=None, name=None) -> None:
         from megatron.core.tensor_parallel.random import (
             get_data_parallel_rng_tracker_name,
             get_expert_parallel_rng_tracker_name,
@@ -225,7 +225,7 @@ class TEColumnParallelLinear(TELinear):
 
     def __init__(self, input_size, output_size, *, config, init_method, gather_output, bias,
                  skip_bias_add, is_expert, skip_weight_param_allocation=False,
-                 tp_comm_buffer_name=None, tp_group=None, stride=1) -> None:
+                 tp_comm_buffer_name=None, tp_group=None, stride=1, name=None) -> None:
         from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 
         if gather_output:
@@ -258,7 +258,7 @@ class TERowParallelLinear(TELinear):
     sharded_state_dict = _WrapperForward.sharded_state_dict  # sharded, unlike TELinear
 
     def __init__(self, input_size, output_size, *, config, init_method, bias, input_is_parallel,
-                 skip_bias_add, is_expert, tp_comm_buffer_name=None, tp_group=None) -> None:
+                 skip_bias_add, is_expert, tp_comm_buffer_name=None, tp_group=None, name=None) -> None:
         from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 
         if not input_is_parallel:
@@ -290,7 +290,7 @@ class TELayerNormColumnParallelLinear(_WrapperForward, LayerNormLinear):
 
     def __init__(self, input_size, output_size, *, config, init_method, gather_output, bias,
                  skip_bias_add, is_expert, skip_weight_param_allocation=False,
-                 tp_comm_buffer_name=None, tp_group=None, stride=1) -> None:
+                 tp_comm_buffer_name=None, tp_group=None, stride=1, name=None) -> None:
         from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 
         self.config = config
@@ -350,7 +350,7 @@ class TEGroupedLinear(_WrapperForward, GroupedLinear):
 
     def __init__(self, num_gemms, input_size, output_size, *, parallel_mode, config, init_method,
                  bias, skip_bias_add, is_expert=False, tp_comm_buffer_name=None,
-                 pg_collection=None) -> None:
+                 pg_collection=None, name=None) -> None:
         from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
         from megatron.core.utils import get_pg_size
@@ -401,7 +401,7 @@ class TEGroupedLinear(_WrapperForward, GroupedLinear):
 @_located(_MCORE)
 class TEColumnParallelGroupedLinear(TEGroupedLinear):
     def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias,
-                 skip_bias_add, is_expert, tp_comm_buffer_name=None, pg_collection=None) -> None:
+                 skip_bias_add, is_expert, tp_comm_buffer_name=None, pg_collection=None, name=None) -> None:
         super().__init__(num_gemms, input_size, output_size, parallel_mode="column",
                          config=config, init_method=_condition_init(config, init_method),
                          bias=bias, skip_bias_add=skip_bias_add, is_expert=is_expert,
@@ -411,7 +411,7 @@ class TEColumnParallelGroupedLinear(TEGroupedLinear):
 @_located(_MCORE)
 class TERowParallelGroupedLinear(TEGroupedLinear):
     def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias,
-                 skip_bias_add, is_expert, tp_comm_buffer_name=None, pg_collection=None) -> None:
+                 skip_bias_add, is_expert, tp_comm_buffer_name=None, pg_collection=None, name=None) -> None:
         super().__init__(num_gemms, input_size, output_size, parallel_mode="row",
                          config=config, init_method=_condition_init(config, init_method),
                          bias=bias, skip_bias_add=skip_bias_add, is_expert=is_expert,
