@@ -224,8 +224,8 @@ def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False,
     """What an adapter needs to know about the base linear ``m``.
 
     Sets the return flags a norm-fused base needs so the adapter reads the normalised input
-    (``return_layernorm_output``; with sequence parallelism a TE layer returns it gathered unless
-    ``sequence_parallel_input_regather`` asks the adapter to gather it).
+    (``return_layernorm_output``; never ``return_layernorm_output_gathered``, whose gradient TE
+    drops: with sequence parallelism the adapter gathers the layernorm output itself).
 
     Args:
         is_expert: an MoE expert linear (its TP size is the expert TP size).
@@ -286,17 +286,12 @@ def _te_attributes(m, attrs, sequence_parallel, is_expert, pg_collection, regath
     mode = te_parallel_mode(m)
     dsp = None
     if _class_names(m) & set(TE_LAYERNORM_COLUMN) and not probe:
-        # The adapter reads the normalised input, so the layer must return it.
+        # The adapter reads the normalised input, so the layer must return it, and ungathered
+        # (unlike Megatron-Bridge): TE (2.11 _LayerNormLinear.backward) adds the returned
+        # output's gradient to dX only when it was not returned gathered, so the adapter's share
+        # of dX and of the norm's grads would be lost. Under SP the adapter gathers it itself.
         m.return_layernorm_output = True
-        overlap = getattr(m, "ub_overlap_ag", getattr(m, "ub_overlap_ag_fprop", False))
-        if sequence_parallel and not overlap:
-            # TE gathers the layernorm output itself: no second gather in the adapter, unless
-            # the adapter is to own the gather (and re-gather in backward).
-            m.return_layernorm_output_gathered = not regather
-            config = m.config
-            if not regather and (not getattr(config, "tp_comm_overlap", False)
-                                 or getattr(config, "tp_comm_overlap_disable_qkv", False)):
-                dsp = True
+        m.return_layernorm_output_gathered = False
     if mode == "column":
         return attrs(False, m.in_features, m.out_features * tp_size, dsp=dsp)
     if mode == "row":
