@@ -565,10 +565,10 @@ class TELinear(_TEBase):
 def test_te_layernorm_column_stand_in(sp):
     m = TELayerNormColumnParallelLinear(sequence_parallel=sp)
     attrs = get_adapter_attributes_from_linear(m)
-    # with SP the layer gathers its layernorm output itself, so the adapter must not gather again
-    assert attrs == attributes(False, 16, 24, True, True)
+    # returned ungathered (TE drops a gathered one's gradient): with SP the adapter gathers it
+    assert attrs == attributes(False, 16, 24, not sp, True)
     assert m.return_layernorm_output is True
-    assert getattr(m, "return_layernorm_output_gathered", False) is sp
+    assert m.return_layernorm_output_gathered is False
 
 
 def test_te_layernorm_column_stand_in_with_ub_overlap_keeps_the_adapter_gather():
