@@ -21,6 +21,7 @@ from bridge.peft.dora_layers import DoRALinear, ParallelLinearDoRAAdapter
 from bridge.peft.errors import PEFTConfigError, UnsupportedModuleError, UnsupportedOptionError
 from bridge.peft.factory import create_peft, create_peft_hook
 from bridge.peft.hf import export_hf_adapter, import_hf_adapter
+from bridge.peft.kernel_report import KernelReport, KernelReportRow, kernel_report, kernel_summary
 from bridge.peft.lora import LoRA, VLMLoRA, get_lora_plus_config_overrides
 from bridge.peft.lora_layers import LinearAdapter, LoRALinear, LoRATopKRouter
 from bridge.peft.lora_merge import LoRAMerge, MergeError, merge_and_unload, merge_lora, unmerge_lora
@@ -37,6 +38,8 @@ __all__ = [
     "CanonicalLoRA",
     "DoRA",
     "DoRALinear",
+    "KernelReport",
+    "KernelReportRow",
     "LinearAdapter",
     "LoRA",
     "LoRALinear",
@@ -59,6 +62,8 @@ __all__ = [
     "get_adapter_attributes_from_linear",
     "get_lora_plus_config_overrides",
     "import_hf_adapter",
+    "kernel_report",
+    "kernel_summary",
     "load_adapter_state_dict",
     "load_peft_adapter_checkpoint",
     "maybe_enable_recompute_inputs_grad",
