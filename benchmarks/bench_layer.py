@@ -14,8 +14,9 @@ GPT decoder layers, every provider side by side in one run.
 
 Figures per provider: step time (median, p20, p80; rounds interleaved across providers so load
 drift hits all alike), tokens/s, bytes saved for backward (saved_tensors_hooks, each storage once,
-weights aside) and peak GPU memory, each also as a ratio to frozen; the path each LoRA layer took
-(fused backend, or eager and why). The stack's input requires grad for every provider, so frozen
+weights aside) and peak GPU memory, each also as a ratio to frozen; the path each LoRA layer took, from
+``bridge.peft.kernel_report`` (fused backend and GEMM strategy, or eager and why), checked against
+what ran. The stack's input requires grad for every provider, so frozen
 runs the backward (dX) a LoRA step needs below its first adapter.
 
 Correctness first: every provider's loss, dX and adapter gradients are compared with our eager
@@ -358,29 +359,24 @@ def check(case: LayerCase, provider: str) -> tuple[float, dict[str, str]]:
 
 
 def paths(model, tracker: _Tracker) -> dict[str, str]:
-    """{LoRA layer: 'fused (backend)' | 'eager (why)'} as its last forward went."""
-    from bridge.kernels.backend import resolve_backend
+    """{LoRA layer: 'fused (<backend>, GEMM <strategy>)' | 'eager (<why>)'} from
+    ``bridge.peft.kernel_report`` after the checked step (layers of another package's LoRA:
+    'eager (<its class>)'). The report must agree with what ran: an adapter module that ran
+    means the eager path (AssertionError otherwise)."""
+    from bridge.peft import kernel_report
 
+    rows = {r.name: r for r in kernel_report(model)}
     out = {}
     for name, site in tracker.sites.items():
-        w = getattr(site, "to_wrap", site).weight  # the base weight: LoRALinear.weight merges
-        dev, dt = w.device, w.dtype
-        requested = getattr(site, "kernel_backend", None)
-        if requested is None:
+        row = rows.get(name)
+        if row is None:
             out[name] = f"eager ({type(site).__module__}.{type(site).__name__})"
             continue
-        if name not in tracker.eager:
-            out[name] = f"fused ({resolve_backend(requested, 'lora_linear', device=dev, dtype=dt).name})"
-            continue
-        why = ""
-        with contextlib.suppress(Exception):
-            from bridge.peft.fused_forward import fused_constraints
-
-            why = "; ".join(r for ok, r in fused_constraints(site, (), {}) if not ok)
-        if not why:
-            why = resolve_backend(requested, "lora_linear", device=dev, dtype=dt).reason or \
-                f"kernel_backend={requested!r}"
-        out[name] = f"eager ({why})"
+        if (row.path == "fused") is (name in tracker.eager):
+            raise AssertionError(f"{name}: kernel_report says {row.path!r}, but the adapter "
+                                 f"module {'ran' if name in tracker.eager else 'did not run'}")
+        out[name] = f"fused ({row.backend}, GEMM {row.gemm})" if row.path == "fused" else \
+            f"{row.path} ({row.reason})"
     return out
 
 
