@@ -30,7 +30,8 @@ returned with ``return_layernorm_output_gathered=True`` (2.11 ``_LayerNormLinear
 ``grad_outputs[1]`` only ``if ctx.return_layernorm_output and not
 ctx.return_layernorm_output_gathered``), so whatever is computed from that output contributes
 nothing to dX. Set a layer's ``drop_gathered_ln_out_grad = False`` (default
-``DROP_GATHERED_LN_OUT_GRAD``) for the mathematically complete gradient.
+``DROP_GATHERED_LN_OUT_GRAD``) for the mathematically complete gradient. (This is why LoRA asks
+TE layernorm linears for their output ungathered: bridge/peft/utils.py.)
 
 The TE classes themselves live in ``tests/_te_engine.py``; import everything from here.
 """
