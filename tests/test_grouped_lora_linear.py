@@ -27,6 +27,7 @@ from tests.conftest import requires_kernel_device
 from tests.numerics import dtype_tol, rel_err
 
 glin = importlib.import_module("bridge.kernels.grouped_lora_linear")
+gkern = importlib.import_module("bridge.kernels._grouped_kernels")
 pytestmark = requires_kernel_device()
 SEED = 4321
 
@@ -197,9 +198,38 @@ def test_eager_backend_equals_reference_and_fused():
     y_fused = grouped_lora_linear(x, w, b, a, bb, counts, scale=0.5, backend="triton")
     assert torch.equal(y_eager, y_ref)
     assert rel_err(y_fused, y_ref) < dtype_tol(torch.float32)
-    drop = lambda s: grouped_lora_linear(x, w, b, a, bb, counts, scale=0.5, dropout=0.5, seed=s,
-                                         backend="eager")
+    drop = lambda s, backend="eager", pos="pre": grouped_lora_linear(  # noqa: E731
+        x, w, b, a, bb, counts, scale=0.5, dropout=0.5, seed=s, backend=backend,
+        dropout_position=pos)
     assert torch.equal(drop(1), drop(1)) and not torch.equal(drop(1), drop(2))
+
+
+@pytest.mark.parametrize("pos", ["pre", "post"])
+def test_one_seed_is_one_mask_on_every_backend(pos):
+    # the eager backend draws the kernels' Philox mask (dropout_keep_mask), so eager and Triton
+    # agree to rounding under dropout for one seed, and both equal the reference fed that mask;
+    # without a seed both draw it from torch's RNG, so a reseeded generator replays either
+    counts = [6, 0, 9]
+    x, w, b, a, bb = _inputs(counts, 40, 24, 8, torch.float32, a_per_expert=True,
+                             b_per_expert=False)
+    run = lambda backend, seed=SEED: grouped_lora_linear(  # noqa: E731
+        x, w, b, a, bb, counts, scale=0.5, dropout=0.4, seed=seed, backend=backend,
+        dropout_position=pos)
+    shape = x.shape if pos == "pre" else (x.shape[0], 24)
+    ref = grouped_lora_linear_ref(x, w, b, a, bb, counts, scale=0.5, dropout=0.4,
+                                  dropout_mask=dropout_keep_mask(SEED, shape, 0.4, DEV),
+                                  dropout_position=pos)
+    assert torch.equal(run("eager"), ref)
+    assert rel_err(run("triton"), ref) < dtype_tol(torch.float32)
+    for backend in ("eager", "triton"):
+        torch.manual_seed(3)
+        first = run(backend, None)
+        torch.manual_seed(3)
+        assert torch.equal(run(backend, None), first), backend
+    torch.manual_seed(3)
+    eager = run("eager", None)
+    torch.manual_seed(3)
+    assert rel_err(run("triton", None), eager) < dtype_tol(torch.float32)
 
 
 def _saved_bytes(fn, params) -> int:
@@ -334,7 +364,7 @@ def test_trainable_weight_and_misaligned_weights_fall_back(caplog):
     shifted = [flat[1 + i * 128: 1 + (i + 1) * 128].view(8, 16) for i in range(2)]
     with pytest.raises(BackendUnavailableError, match=r"weight\[0, 1\] not 16-byte aligned"):
         grouped_lora_linear(x, shifted, b, a, bb, [2, 2], scale=1.0, backend="triton")
-    backend_mod._log_once.cache_clear()
+    getattr(backend_mod, "_log_once_cached", backend_mod._log_once).cache_clear()
     with caplog.at_level(logging.WARNING, logger="bridge.kernels"):
         y = grouped_lora_linear(x, trainable, b, a, bb, [2, 2], scale=1.0)
     assert any("grouped_lora_linear runs on the eager backend" in r.getMessage()
@@ -347,7 +377,7 @@ def test_trainable_weight_and_misaligned_weights_fall_back(caplog):
 def test_aot_specs_name_every_kernel_argument():
     # each spec types every runtime argument and fixes every constexpr its configs leave open,
     # so kernels/aot.py compiles the specialisation a launch produces (run there, not here)
-    specs = glin.aot_specs()
+    specs = gkern.aot_specs()
     assert {s["kernel"].__name__ for s in specs} >= {
         "_grouped_lora_gemm_kernel", "_grouped_shrink_kernel", "_grouped_dsdb_kernel",
         "_grouped_db_reduce_kernel", "_grouped_rowgemm_kernel"}
