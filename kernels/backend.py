@@ -113,8 +113,48 @@ def probe_cuda(device: torch.device, dtype: torch.dtype, op: str) -> tuple[bool,
 
 
 @functools.lru_cache(maxsize=256)
-def _log_once(op: str, reason: str) -> None:
+def _log_once_cached(op: str, reason: str) -> None:
     logger.warning("bridge.kernels: %s runs on the eager backend: %s", op, reason)
+
+
+def _log_once(op: str, reason: str) -> None:
+    """Log a fallback once per (op, reason); never while torch.compile traces (dynamo cannot
+    trace a logger call under fullgraph=True: the reason stays visible in kernel_report)."""
+    if not torch.compiler.is_compiling():
+        _log_once_cached(op, reason)
+
+
+_log_once.cache_clear = _log_once_cached.cache_clear  # tests reset the log-once memory
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _hints(backend: str, reasons: list[str], device: torch.device, dtype: torch.dtype) -> str:
+    """What to do about each reason an explicit request failed (only the ones that apply)."""
+    text = " ".join(reasons)
+    hints = []
+    if dtype not in SUPPORTED_DTYPES:
+        hints.append(f"pass {_dtype_names(SUPPORTED_DTYPES)} tensors")
+    if "requires grad" in text:
+        hints.append("freeze the base weight (weight.requires_grad_(False)): the fused ops "
+                     "treat it as frozen")
+    if "no GPU" in text or "compute capability" in text or "not on a CUDA GPU" in text:
+        gpu = "run on an Ampere-or-newer GPU (compute capability >= 8.0) with CUDA tensors"
+        if backend == "triton" and not interpreter_enabled():
+            gpu += ", or set TRITON_INTERPRET=1 to run Triton on the CPU (slow: for tests)"
+        hints.append(gpu)
+    if "CPU tensors only" in text:
+        hints.append("move the tensors to the CPU, or unset TRITON_INTERPRET to compile for "
+                     "the GPU")
+    if "triton is not importable" in text:
+        hints.append("install triton (pip install triton)")
+    if "bridge._C" in text or "no CUDA C++ kernel" in text:
+        hints.append("use backend='triton'")
+    hints.append("use backend='eager' (or 'auto', which falls back by itself)")
+    return "; ".join(hints)
 
 
 def resolve_backend(
@@ -174,12 +214,17 @@ def resolve_backend(
     if name in ("cuda", "triton"):
         ok, reason = probe(name)
         if not ok:
-            hint = (
-                "use backend='eager' (or 'auto'), or run on an Ampere-or-newer GPU"
-                + (", or set TRITON_INTERPRET=1 to run Triton on the CPU" if name == "triton" else "")
-            )
+            reasons = [reason]
+            if failed:  # the constraints hid the backend's own probe: report it too
+                ok_backend, why = probe_triton(device, dtype) if name == "triton" else \
+                    probe_cuda(device, dtype, op) if cuda_op else (True, "")
+                if not ok_backend:
+                    reasons.append(why)
+            if dtype not in SUPPORTED_DTYPES and not any("dtype" in r for r in reasons):
+                reasons.append(_dtype_probe(dtype)[1])
             raise BackendUnavailableError(
-                f"{op}: backend {name!r} requested by {source} cannot run: {reason}; {hint}"
+                f"{op}: backend {name!r} requested by {source} cannot run: "
+                f"{'; '.join(reasons)}; to run it: {_hints(name, reasons, device, dtype)}"
             )
         return BackendChoice(name)
     reasons = []

@@ -18,11 +18,11 @@ import math
 
 import torch
 from bridge.kernels import gemm_strategy
-from bridge.kernels._checks import check_dropout, check_lora_args
+from bridge.kernels._checks import check_dropout, check_lora_args, check_scale, check_seed
 from bridge.kernels._lowrank import launch_da, launch_dsdb, launch_shrink
 from bridge.kernels.backend import resolve_backend
 from bridge.kernels.gemm_strategy import gemm_dx, gemm_forward, requested_gemm
-from bridge.kernels.philox import draw_seed, seed_tensor
+from bridge.kernels.philox import draw_seed, dropout_keep_mask, seed_tensor
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,22 +80,29 @@ def lora_linear_ref(
     return (y + scale * adapter).to(x.dtype)
 
 
+def eager_keep_mask(seed: int | torch.Tensor | None, shape: tuple[int, ...] | torch.Size,
+                    p: float, device: torch.device) -> torch.Tensor:
+    """The keep mask the fused kernels would draw for ``seed`` (kernels/philox.py), for the
+    eager paths: a seed drawn from torch's generator like the fused path's (``draw_seed``) when
+    None. The Triton mask kernel on a CUDA device, the torch implementation elsewhere (CPU, meta,
+    and inside torch.compile, where it traces)."""
+    seed_t = draw_seed(device) if seed is None else seed
+    backend = "torch" if torch.compiler.is_compiling() else None
+    return dropout_keep_mask(seed_t, shape, p, device, backend=backend)
+
+
 def _eager_lora_linear(x, weight, bias, lora_a, lora_b, *, scale, dropout, dropout_position,
                        training, skip_bias_add, seed):
-    """The eager backend: the reference with a torch-RNG dropout mask (seeded when seed is
-    given)."""
+    """The eager backend: the reference with the fused kernels' Philox mask (one seed, one mask
+    on every backend; a fresh seed from torch's generator when ``seed`` is None)."""
     mask = None
     p = dropout if training else 0.0
     if p > 0.0:
         shape = x.shape if dropout_position == "pre" else (*x.shape[:-1], weight.shape[0])
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=x.device).manual_seed(int(seed))
-        mask = torch.rand(shape, device=x.device, generator=gen) >= p
+        mask = eager_keep_mask(seed, shape, p, x.device)
     return lora_linear_ref(x, weight, bias, lora_a, lora_b, scale=scale, dropout=p,
                            dropout_mask=mask, dropout_position=dropout_position,
                            skip_bias_add=skip_bias_add)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +252,7 @@ def lora_linear(
     dropout_position: str = "pre",
     training: bool = True,
     skip_bias_add: bool = False,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str = "auto",
     gemm: str = "auto",
     gemm_group=None,
@@ -254,9 +261,19 @@ def lora_linear(
 
     ``gemm``: 'auto' | 'fused' | 'cublas' (kernels/gemm_strategy.py; ``BRIDGE_LORA_GEMM`` when
     'auto' is passed); ignored by the eager backend. ``gemm_group``: the tensor-parallel process
-    group of this layer (its ranks then agree on the strategy), or None."""
+    group of this layer (its ranks then agree on the strategy), or None. ``seed``: the dropout
+    seed (int or int64 tensor [1]; drawn from torch's generator when None); one seed gives one
+    mask on every backend (kernels/philox.py).
+
+    Raises:
+        TypeError, ValueError: a bad argument (named): non-floating or mismatched tensors, a
+            scale that is not a finite number, a seed outside int64, dropout outside [0, 1).
+        BackendUnavailableError: an explicit backend that cannot run this call (why, and what
+            to do)."""
     check_lora_args(x, weight, bias, lora_a, lora_b)
     check_dropout(dropout, dropout_position)
+    scale = check_scale(scale)
+    check_seed(seed)
     gemm = requested_gemm(gemm)
     frozen = (not weight.requires_grad,
               "base weight requires grad (the fused path is for a frozen base)")

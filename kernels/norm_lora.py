@@ -16,7 +16,13 @@ import dataclasses
 
 import torch
 from bridge.kernels import gemm_strategy
-from bridge.kernels._checks import check_dropout, check_lora_args, check_norm_args
+from bridge.kernels._checks import (
+    check_dropout,
+    check_lora_args,
+    check_norm_args,
+    check_scale,
+    check_seed,
+)
 from bridge.kernels._lowrank import launch_dsdb
 from bridge.kernels._triton_common import (
     HAS_TRITON,
@@ -760,8 +766,10 @@ def norm_lora_linear(
         y [..., N], or (y, ln [..., K]) with ``return_norm_output``.
     """
     check_lora_args(x, weight, bias, lora_a, lora_b)
-    check_norm_args(normalization, eps, norm_weight, norm_bias, x.shape[-1])
+    check_norm_args(normalization, eps, norm_weight, norm_bias, x.shape[-1], device=x.device)
     check_dropout(dropout, dropout_position)
+    scale = check_scale(scale)
+    check_seed(seed)
     gemm = requested_gemm(gemm)
     choice = norm_lora_backend(backend, x, weight, norm_params=(norm_weight, norm_bias))
     if choice.name == "eager":

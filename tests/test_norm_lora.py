@@ -53,8 +53,10 @@ def _inputs(shape, n, r, dtype, norm, *, bias=True, device=DEV):
 def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", zcg=False,
               ln_grad=True, skip_bias_add=False, bias=True, gemm="fused"):
     t = _inputs(shape, n, r, dtype, norm, bias=bias)
+    # with skip_bias_add the bias is passed but stays out of y (Megatron adds it later): it
+    # must get no gradient from y
     grad_names = [k for k in ("x", "norm_weight", "norm_bias", "bias", "lora_a", "lora_b")
-                  if t[k] is not None]
+                  if t[k] is not None and not (k == "bias" and skip_bias_add)]
     leaves = {k: v.clone().requires_grad_(k in grad_names) if v is not None else None
               for k, v in t.items()}
     kw = dict(normalization=norm, eps=1e-5, scale=2.0, dropout=p, dropout_position=position,
@@ -80,12 +82,31 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
     grads_r = torch.autograd.grad(loss_r, [ref[k] for k in grad_names])
 
     tol = TOLS[dtype]
+    if skip_bias_add and bias:  # y without the bias: the bias is not in y's graph at all
+        b = t["bias"].clone().requires_grad_(True)
+        args = {**t, "bias": b}
+        y_skip = norm_lora_linear(*args.values(), **kw, seed=SEED, backend="triton", gemm=gemm)
+        assert not any(leaf is b for leaf in _graph_leaves(y_skip)), "the bias reached y"
     assert y.dtype == dtype and y.shape == (*shape[:-1], n) and ln.shape == shape
     assert _rel(y, yr) < tol, "y"
     assert _rel(ln, lr) < tol, "ln"
     for name, a, b in zip(grad_names, grads, grads_r, strict=True):
         assert a.dtype == dtype and a.shape == b.shape, name
         assert _rel(a, b) < tol, f"grad of {name}: {_rel(a, b):.2e}"
+
+
+def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors t's autograd graph reaches."""
+    leaves, todo, seen = [], [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if hasattr(fn, "variable"):
+            leaves.append(fn.variable)
+        todo.extend(f for f, _ in fn.next_functions)
+    return leaves
 
 
 @triton_kernels
@@ -131,11 +152,6 @@ def test_cublas_shapes_and_options(case, dtype):
 )
 @pytest.mark.parametrize("norm", ["LayerNorm", "RMSNorm"])
 def test_shapes_and_options_fp32(case, norm):
-    case = dict(case)
-    if case.get("skip_bias_add"):
-        # with skip_bias_add the bias is not an input of y: check values/grads without it
-        case["bias"] = False
-        case.pop("skip_bias_add")
     _run_case(torch.float32, norm, **case)
 
 
