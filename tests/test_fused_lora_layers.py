@@ -173,10 +173,11 @@ def test_input_in_another_dtype_takes_the_eager_path_and_says_why(caplog):
     assert fused_lora_forward(model.proj, x.float(), (), {}) is not None
 
 
-@pytest.mark.parametrize("kind", ["column", "lncol", "linear_adapter"])
+@pytest.mark.parametrize("kind", ["column", "lncol", "linear_adapter", "te-row", "te"])
 def test_torch_compile_fullgraph_of_the_wrapped_layer(kind):
     """torch.compile(fullgraph=True) traces LoRALinear's / LinearAdapter's fused forward and
-    backward (backend choice, TP plumbing and the registered ops) without a graph break, and
+    backward (backend choice, TP plumbing, TE's fp8 probe and the registered ops) without a graph
+    break, over megatron, torch and transformer-engine (stand-in) bases alike, and
     gives the eager module's values and gradients."""
     from bridge.peft import LinearAdapter, LoRALinear
     from bridge.peft.lora import LoRA
