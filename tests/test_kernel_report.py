@@ -12,10 +12,12 @@ that would raise) are reported as such.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 from torch import nn
 
+from bridge.peft import AdapterWrapper
 from tests.conftest import requires_kernel_device
 
 pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install -e .[test])")
@@ -107,6 +109,14 @@ def test_with_fp8_on_every_row_is_eager_with_the_reason(how):
         _check_all_fused(kernel_report(model), "planned")
 
 
+class _SelfPlanning(AdapterWrapper):
+    """A wrapper with its own plan (the protocol kernel_report reads)."""
+
+    def training_plan(self):
+        return SimpleNamespace(backend="cuda", kind="column", gemm="fused",
+                               reason="cuda, naturally"), "planned"
+
+
 def test_other_wrappers_switched_off_merged_and_failing_requests():
     from bridge.peft import DoRA, LinearAdapter, LoRA, LoRALinear, kernel_report, merge_lora
     from tests import te_standins as te
@@ -126,12 +136,16 @@ def test_other_wrappers_switched_off_merged_and_failing_requests():
     LoRA(target_modules=["req"], dim=2, kernel_backend="triton")(model)
     lin = nn.Linear(8, 4).requires_grad_(False)
     model.lin = LoRALinear(lin, LinearAdapter(lin, dim=2), kernel_gemm="cublas")
+    model.own = _SelfPlanning(nn.Linear(8, 4), nn.Identity())
     model.off.disable_adapter_layers()
     merge_lora(model.merged)
     chunks = [model, nn.Sequential()]
     with te.fp8_autocast():
         rows = {r.name: r for r in kernel_report(chunks)}
-    assert set(rows) == {f"chunk0.{n}" for n in ("dora", "off", "merged", "req", "lin")}
+    assert set(rows) == {f"chunk0.{n}" for n in ("dora", "off", "merged", "req", "lin", "own")}
+    r = rows["chunk0.own"]  # a wrapper that plans itself (training_plan), as MultiLoRA does
+    assert (r.adapter, r.path, r.backend, r.gemm, r.layout, r.reason, r.source) == (
+        "_SelfPlanning", "fused", "cuda", "fused", "column", "cuda, naturally", "planned")
     r = rows["chunk0.dora"]
     assert (r.adapter, r.path) == ("DoRA", "eager") and "DoRA has no fused kernel" in r.reason
     assert (rows["chunk0.off"].path, rows["chunk0.merged"].path) == ("off", "off")
@@ -144,7 +158,7 @@ def test_other_wrappers_switched_off_merged_and_failing_requests():
     assert (r.base, r.path, r.backend, r.gemm, r.layout) == ("Linear", "fused", "triton",
                                                               "cublas", "linear")
     summary = kernel_report(chunks).summary()
-    assert summary.startswith("LoRA: 5 modules, 2 fused (triton), 1 eager (DoRA has no fused")
+    assert summary.startswith("LoRA: 6 modules, 3 fused (2 triton, 1 cuda), 1 eager (DoRA has no ")
     assert summary.endswith(", 2 off")
     with pytest.raises(TypeError, match="nn.Module or a list of model chunks"):
         kernel_report("model")

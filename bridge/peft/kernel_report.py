@@ -2,11 +2,12 @@
 
 ``kernel_report(model)`` lists every adapter wrapper (``LoRALinear``, ``DoRALinear``, canonical
 LoRA's split wrappers, ``LoRATopKRouter``, ...) with its base class, the adapter kind, the path
-(``fused`` with its backend and GEMM strategy, or ``eager``) and the reason for any fallback. It
-works before any forward ran: a LoRA wrapper's plan (bridge.peft.fused_forward) is the one its
-last training call made, when nothing it depends on has changed since, else one made now for a
-representative input (a row of the base weight's dtype and device), without running a kernel,
-timing a GEMM or communicating. The GEMM strategy of ``auto`` is read from what the chooser
+(``fused`` with its backend and GEMM strategy, or ``eager``) and the reason for any fallback; a
+wrapper with a ``training_plan()`` method (``(plan, source)``, the plan with ``backend``,
+``kind``, ``gemm``, ``reason``) describes itself. It works before any forward ran: a LoRA
+wrapper's plan (bridge.peft.fused_forward) is the one its last training call made, when nothing
+it depends on has changed since, else one made now for a representative input (a row of the
+base weight's dtype and device), without running a kernel, timing a GEMM or communicating. The GEMM strategy of ``auto`` is read from what the chooser
 (bridge.kernels.gemm_strategy) decided for the module's shapes; before that, the rule it will
 apply.
 
@@ -16,6 +17,7 @@ apply.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from torch import nn
 __all__ = ["KernelReport", "KernelReportRow", "kernel_report", "kernel_summary"]
 
 _ADAPTER_KINDS = {"LoRALinear": "LoRA", "DoRALinear": "DoRA", "LoRATopKRouter": "LoRA (router)",
+                  "MultiLoRALinear": "MultiLoRA",
                   "LoRALinearSplitQKV": "canonical LoRA (q, k, v)",
                   "LoRALinearSplitFC1UpGate": "canonical LoRA (up, gate)"}
 _NO_FUSED_PATH = {
@@ -165,23 +168,27 @@ def _row(name: str, wrapper: nn.Module) -> KernelReportRow:
                                reason=why, source="")
     from bridge.peft.lora_layers import LoRALinear
 
-    if not isinstance(wrapper, LoRALinear) or kind in _NO_FUSED_PATH:
+    lora = isinstance(wrapper, LoRALinear) and kind not in _NO_FUSED_PATH
+    planner = getattr(wrapper, "training_plan", None)  # other wrappers may plan themselves
+    if not lora and not callable(planner):
         why = _NO_FUSED_PATH.get(kind, f"{kind} has no fused path")
         return KernelReportRow(**common, path="eager", backend="eager", gemm="", layout="",
                                reason=why, source="")
-    from bridge.peft.fused_forward import training_plan
+    if lora:
+        from bridge.peft.fused_forward import training_plan
 
+        planner = functools.partial(training_plan, wrapper)
     try:
-        plan, source = training_plan(wrapper)
+        plan, source = planner()
     except Exception as exc:  # noqa: BLE001  (the next training forward raises this: say so)
         return KernelReportRow(**common, path="error", backend="", gemm="", layout="",
                                reason=f"{type(exc).__name__}: {exc}", source="planned")
-    if plan.backend == "eager":
+    if getattr(plan, "path", None) == "eager" or plan.backend == "eager":
         return KernelReportRow(**common, path="eager", backend="eager", gemm="", layout="",
                                reason=plan.reason, source=source)
-    return KernelReportRow(**common, path="fused", backend=plan.backend,
-                           gemm=_gemm(wrapper, plan), layout=plan.kind or "",
-                           reason=plan.reason, source=source)
+    gemm = _gemm(wrapper, plan) if lora else plan.gemm
+    return KernelReportRow(**common, path="fused", backend=plan.backend, gemm=gemm,
+                           layout=plan.kind or "", reason=plan.reason, source=source)
 
 
 def _gemm(wrapper: nn.Module, plan) -> str:
