@@ -230,10 +230,14 @@ def test_linear_adapter_dropout_position(position):
     m.train()
     torch.manual_seed(123)
     y = m(x)
-    # nn.Dropout draws one keep-mask of the tensor it drops: replay it (as a 0/1 mask)
+    # the adapter's dropout draws one seed from torch's generator (as the fused path does) and
+    # the Philox keep-mask of the tensor it drops (bridge/peft/dropout.py): replay it
+    from bridge.kernels.philox import SEED_HIGH, philox_keep_mask
+
     torch.manual_seed(123)
+    seed = int(torch.randint(0, SEED_HIGH, (1,)))
     mask_shape = x.shape if position == "pre" else (x.shape[0], N)
-    mask = nn.functional.dropout(torch.ones(mask_shape), p, training=True) != 0
+    mask = philox_keep_mask(seed, mask_shape, p, "cpu")
     torch.testing.assert_close(y, lora_ref(x, w, b, a, bb, mask=mask, p=p, position=position),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y, m.eval()(x))

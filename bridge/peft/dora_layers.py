@@ -203,7 +203,7 @@ class DoRALinear(AdapterWrapper):
         scale = (adapter.weight_magnitude / self.weight_norm().to(adapter.weight_magnitude.dtype))
         scale = scale.to(base.dtype)
         x_in = layernorm_output.contiguous()
-        if self.training and not isinstance(adapter.dropout, nn.Identity):
+        if self.training and adapter.dropout_p > 0:
             x_drop = adapter.dropout(x_in)
             lora = adapter.lora_output(x_drop).reshape(base.shape).to(base.dtype)
             out = base + (scale - 1) * self._base_without_bias(x_drop).reshape(base.shape) \

@@ -20,6 +20,7 @@ from torch import nn
 from bridge.kernels.backend import validate_backend_name
 from bridge.peft.adapter_init import check_adapter_hparams, check_lora_dtype, get_init_fn
 from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.dropout import adapter_dropout, dropout_p_property
 from bridge.peft.errors import PEFTConfigError
 from bridge.peft.lora_merge import LoRAMerge
 from bridge.peft.tp import acc, base_tp_io
@@ -181,6 +182,7 @@ class LinearAdapter(nn.Module):
     activation_name = "identity"
     input_is_parallel = False
     _megatron = False
+    dropout_p = dropout_p_property()
 
     def __init__(self, orig_linear: nn.Linear, dim: int = 8, alpha: float = 32,
                  dropout: float = 0.0, dropout_position: str = "pre",
@@ -220,8 +222,7 @@ class LinearAdapter(nn.Module):
         else:
             get_init_fn(a_init)(self.linear_in.weight)
         get_init_fn(b_init)(self.linear_out.weight)
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = adapter_dropout(dropout)  # dropout_p reads its p (bridge.peft.dropout)
         self.dropout_position = dropout_position
 
     def _accept_folded_names(self, state_dict, prefix, *args) -> None:
