@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bridge.peft.adapter_init import check_adapter_hparams, get_init_fn
+from bridge.peft.dropout import adapter_dropout, dropout_p_property
 from bridge.peft.errors import PEFTConfigError, UnsupportedModuleError
 from bridge.peft.tp import acc, all2all_hp2sp, default_tp_group, group_size
 
@@ -125,8 +126,7 @@ class ParallelLinearAdapter(nn.Module):
         self.alpha = alpha if alpha is not None else dim
         self.input_is_parallel = input_is_parallel
         self.dropout_position = dropout_position
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = adapter_dropout(dropout)  # dropout_p reads its p (bridge.peft.dropout)
         self.dropout_recompute = dropout_recompute
         self.use_a2a = a2a_experimental
         self.is_expert = is_expert
@@ -201,6 +201,8 @@ class ParallelLinearAdapter(nn.Module):
             self.dim, self.out_features, init_method=b_init,
             gather_output=self.input_is_parallel and not a2a, **common)
         self._megatron = True
+
+    dropout_p = dropout_p_property()
 
     @property
     def scale(self) -> float:
