@@ -22,6 +22,13 @@ Where it is drawn: ``keep_mask`` (Triton, inside the fused kernels: one ``tl.ran
 ``dropout_keep_mask`` returns the mask for a shape: the Triton kernel on a CUDA device, the torch
 implementation elsewhere (CPU, meta, or CUDA without Triton).
 
+One mask per seed, on every backend: the eager backends of the ops (``eager_keep_mask`` in
+kernels/lora_linear.py) and the adapters' dropout module (bridge/peft/dropout.py,
+``LoRADropout``) draw this mask too, and when no seed is given each takes one from torch's
+default generator exactly as the fused ops do (``draw_seed``). So one seed, or one generator
+state, drops the same elements whether 'auto' picks eager on one machine and Triton or CUDA on
+another: results differ by rounding only.
+
 The seed is a runtime int64 tensor of one element, loaded in the kernel: a new seed never
 recompiles, and a seed drawn on the device (``draw_seed``) needs no host sync.
 """
