@@ -25,8 +25,10 @@ class AdapterLoadError(ValueError):
 
 
 def is_adapter_key(key: str) -> bool:
-    """Whether a state-dict key is an adapter tensor (under an ``adapter.`` segment)."""
-    return ".adapter." in key or key.startswith("adapter.")
+    """Whether a state-dict key is an adapter tensor (under an ``adapter.`` segment, or a
+    MultiLoRA slot's ``adapters.<i>.``)."""
+    return ".adapter." in key or key.startswith("adapter.") or ".adapters." in key \
+        or key.startswith("adapters.")
 
 
 def adapter_state_dict(model: nn.Module, key_filter: Callable[[str], bool] | None = None) -> dict:
