@@ -386,8 +386,9 @@ BAD_HPARAMS = [
     (dict(dim=0), r"dim \(the LoRA rank\) must be a positive int, got 0"),
     (dict(dim=-2), r"dim \(the LoRA rank\) must be a positive int, got -2"),
     (dict(dim=2.0), r"dim \(the LoRA rank\) must be a positive int, got 2\.0"),
-    (dict(alpha=0), r"alpha must be > 0 \(or None for a scale of 1\), got 0"),
-    (dict(alpha=-1.5), r"alpha must be > 0 \(or None for a scale of 1\), got -1\.5"),
+    (dict(alpha=0), r"alpha must be a finite number > 0 \(the scale is alpha / dim; None for a "
+                    r"scale of 1\), got 0"),
+    (dict(alpha=-1.5), r"alpha must be a finite number > 0 .*, got -1\.5"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1\.0"),
     (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0\.1"),
     (dict(dropout_position="mid"), r"unknown dropout_position 'mid'; expected 'pre' or 'post'"),

@@ -5,6 +5,7 @@ method names its adapters take)."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -78,9 +79,10 @@ def check_adapter_hparams(dim: int, alpha: float | None, dropout: float, dropout
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise PEFTConfigError(f"dim (the LoRA rank) must be a positive int, got {dim!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or alpha <= 0):
-        raise PEFTConfigError(f"alpha must be > 0 (or None for a scale of 1), got {alpha!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise PEFTConfigError(f"alpha must be a finite number > 0 (the scale is alpha / dim; None "
+                              f"for a scale of 1), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= float(dropout) < 1.0:
         raise PEFTConfigError(f"dropout must be in [0, 1), got {dropout!r}")

@@ -304,12 +304,10 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
         Raises:
             PEFTConfigError: no targets, or a target naming a fused layer itself.
         """
+        self._check_names()
         if not self.target_modules:
             raise PEFTConfigError("CanonicalLoRA needs target_modules "
                                   "(exclude_modules is not supported)")
-        if isinstance(self.target_modules, str):
-            raise TypeError(f"target_modules must be a list, got the string "
-                            f"{self.target_modules!r}; write [{self.target_modules!r}]")
         mapping: dict[str, set] = {}
         aliases = []
         for target in self.target_modules:

@@ -89,7 +89,7 @@ class LoRALinear(AdapterWrapper):
 
     Raises:
         PEFTConfigError: the adapter shares parameters with the base (its output would hold the
-            base's output, added twice).
+            base's output, added twice), or its in/out features differ from the base's.
     """
 
     def __init__(self, to_wrap: nn.Module, adapter: nn.Module, kernel_backend: str = "auto",
@@ -102,11 +102,13 @@ class LoRALinear(AdapterWrapper):
                 f"({type(to_wrap).__name__}): LoRALinear adds the adapter's output to the base's, "
                 "so the adapter must compute only the low-rank term (e.g. "
                 "LoRALinear(linear, LinearAdapter(linear)))")
+        _check_adapter_sizes(to_wrap, adapter)
         self.kernel_backend = validate_backend_name(kernel_backend, what="kernel_backend")
         self.kernel_gemm = validate_gemm_strategy(kernel_gemm)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self._adapter_enabled:
+        # meta tensors (shape inference, deferred init) take the module path: no kernel runs there
+        if self._adapter_enabled and x.device.type != "meta":
             from bridge.peft.fused_forward import fused_lora_forward
 
             fused = fused_lora_forward(self, x, args, kwargs)
@@ -159,6 +161,34 @@ class LoRALinear(AdapterWrapper):
         if isinstance(self.adapter, LinearAdapter):
             return upgrade_legacy_key(rest)
         return None
+
+
+def _base_sizes(base: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a base whose full sizes are certain: nn.Linear, megatron-core's
+    Column/RowParallelLinear and bridge's LayerNormColumnParallelLinear (input_size /
+    output_size are whole, whatever the TP size); None for anything else."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    names = {c.__name__ for c in type(base).__mro__}
+    if names & {"ColumnParallelLinear", "RowParallelLinear", "LayerNormColumnParallelLinear"} \
+            and isinstance(getattr(base, "input_size", None), int) \
+            and isinstance(getattr(base, "output_size", None), int):
+        return base.input_size, base.output_size
+    return None
+
+
+def _check_adapter_sizes(base: nn.Module, adapter: nn.Module) -> None:
+    """An adapter that states its sizes (``in_features`` / ``out_features``, as LinearAdapter
+    and ParallelLinearAdapter do) must map the base's: else it fails later, in forward, with a
+    reshape error."""
+    sizes = _base_sizes(base)
+    k, n = getattr(adapter, "in_features", None), getattr(adapter, "out_features", None)
+    if sizes is None or not isinstance(k, int) or not isinstance(n, int) or (k, n) == sizes:
+        return
+    raise PEFTConfigError(
+        f"the adapter ({type(adapter).__name__}) maps {k} -> {n} features but the base "
+        f"({type(base).__name__}) maps {sizes[0]} -> {sizes[1]}: build the adapter from this "
+        "base, e.g. LoRALinear(linear, LinearAdapter(linear))")
 
 
 class LinearAdapter(nn.Module):

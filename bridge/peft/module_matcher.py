@@ -78,6 +78,11 @@ class ModuleMatcher:
             if isinstance(value, str):
                 raise TypeError(f"{name} must be a list of module names or '*' patterns, got the "
                                 f"string {value!r}; write [{value!r}]")
+            for entry in value or ():
+                if not isinstance(entry, str):
+                    raise TypeError(
+                        f"{name} entries must be module names or '*' patterns (str); got "
+                        f"{entry!r} ({type(entry).__name__}) in {list(value)!r}")
 
     def check_targets(self) -> None:
         """The configuration checks, run when the transform is applied (and by ``match``): a
