@@ -10,6 +10,16 @@ the sequence before ``linear_in`` and the row case scatters it after ``linear_ou
 all-to-all). A duplicated base (``base_linear_is_parallel=False``: TELinear, a ModelOpt linear, a
 MoE router) gets plain ``nn.Linear`` factors.
 
+A base that does no tensor-parallel communication itself (``is_expert``: MoE expert linears,
+whose token dispatcher communicates; ``disable_tensor_parallel_comm``: shared experts with
+``moe_shared_expert_overlap``) gets the same factors, but the adapter then computes its term in the
+base's parallel state: the factor split on the base's contracted side is gathered (A for a
+column base, B for a row base) and nothing else communicates (see ``expert_parallel``). Beside a
+grouped expert linear (not under ``.local_experts.``) the adapter is shared by every expert of
+the model: equal on every expert-parallel rank, its gradient summed over them, checkpointed with
+Megatron-Bridge's expert axis (or, when ``use_legacy_shared_expert_adapter_checkpoint`` is set,
+as the earlier 2-D tensor: see ``enable_legacy_shared_expert_adapter_loading``).
+
 ``sequence_parallel_input_regather``: the column case lets ``linear_in`` gather its
 sequence-parallel input itself (megatron's sequence-parallel linear), which keeps only the local
 shard for backward and gathers it again there: the gathered input is not held between forward and
@@ -27,7 +37,14 @@ from torch import nn
 
 from bridge.peft.adapter_init import check_adapter_hparams, get_init_fn
 from bridge.peft.dropout import adapter_dropout, dropout_p_property
-from bridge.peft.errors import PEFTConfigError, UnsupportedModuleError
+from bridge.peft.errors import PEFTConfigError
+from bridge.peft.expert_adapters import (
+    check_explicit_comm_options,
+    expert_sharded_state_dict,
+    explicit_lora_output,
+    finish_expert_adapter,
+)
+from bridge.peft.expert_parallel import expert_groups
 from bridge.peft.tp import acc, all2all_hp2sp, default_tp_group, group_size
 
 logger = logging.getLogger(__name__)
@@ -70,9 +87,9 @@ class ParallelLinearAdapter(nn.Module):
         alpha: scale = alpha / dim (None: alpha = dim, a scale of 1).
         a2a_experimental: row case with sequence parallelism: one all-to-all instead of a gather
             and a scatter.
-        is_expert: MoE expert linear (not supported yet: a clear error).
+        is_expert: MoE expert linear (its TP group is the expert-TP group; see the module doc).
         disable_tensor_parallel_comm: the base does no TP communication itself (shared experts
-            with overlap); supported at TP size 1 only.
+            with overlap): the adapter's term stays a shard / partial sum like the base's.
         disable_sequence_parallel_comm: skip the sequence gather/scatter (the base already
             returns a gathered layernorm output).
         base_linear_is_parallel: False for a duplicated (non-TP) base: plain nn.Linear factors.
@@ -114,10 +131,6 @@ class ParallelLinearAdapter(nn.Module):
         if activation not in ACTIVATIONS:
             raise PEFTConfigError(
                 f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-        if is_expert:
-            raise UnsupportedModuleError(
-                f"LoRA on MoE expert linear {base_linear_name!r} is not supported yet; "
-                "leave it out with LoRA(exclude_modules=[...]) or target_modules")
         config = model_parallel_config
         self.base_linear_name = base_linear_name
         self.activation_name = activation
@@ -138,6 +151,12 @@ class ParallelLinearAdapter(nn.Module):
         self.config = config
         self.pg_collection = pg_collection
         self.tp_group = _tp_group_from(tp_group, pg_collection, config, is_expert)
+        # the base's own TP communication is elsewhere (expert dispatcher, shared-expert overlap)
+        self.explicit_comm = bool(is_expert or disable_tensor_parallel_comm)
+        self.use_legacy_shared_expert_adapter_checkpoint = False
+        self.groups = expert_groups(pg_collection, config,
+                                    etp=self.tp_group if is_expert else None)
+        self.ep_group, self.expert_dp_group = self.groups.ep, self.groups.edp
         self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         # SP communication happens only for a parallel base with SP on (Megatron-Bridge's rule).
         self.disable_sequence_parallel_comm = (disable_sequence_parallel_comm
@@ -153,12 +172,12 @@ class ParallelLinearAdapter(nn.Module):
         if not base_linear_is_parallel or config is None:
             self._build_plain(dtype, a_init, b_init)
             return
-        if disable_tensor_parallel_comm and group_size(self.tp_group) > 1:
-            raise UnsupportedModuleError(
-                f"{base_linear_name!r}: its base does no tensor-parallel communication itself "
-                "(parallel_mode=None / explicit_expert_comm, e.g. MoE shared experts with overlap);"
-                " LoRA on it is supported at tensor-parallel size 1 only")
+        if self.explicit_comm:
+            check_explicit_comm_options(base_linear_name, group_size(self.tp_group),
+                                        input_is_parallel, activation, dropout_position, dropout)
         self._build_megatron(config, dtype, a_init, b_init)
+        if is_expert:
+            finish_expert_adapter(self)
 
     def _build_plain(self, dtype, a_init, b_init) -> None:
         self.linear_in = nn.Linear(self.in_features, self.dim, bias=False, dtype=dtype)
@@ -185,7 +204,7 @@ class ParallelLinearAdapter(nn.Module):
         cfg.perform_initialization = True
         if not torch.cuda.is_available():
             cfg.use_cpu_initialization = True
-        common = dict(config=cfg, bias=False, tp_group=self.tp_group)
+        common = dict(config=cfg, bias=False, tp_group=self.tp_group, is_expert=self.is_expert)
         if self.input_is_parallel:
             self.linear_in = RowParallelLinear(self.in_features, self.dim, init_method=a_init,
                                                input_is_parallel=True, skip_bias_add=True,
@@ -227,6 +246,8 @@ class ParallelLinearAdapter(nn.Module):
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """s · B(act(A(x))) without dropout, with the sequence-parallel communication."""
         x = x.to(self.linear_in.weight.dtype)
+        if self.explicit_comm and self._megatron:
+            return explicit_lora_output(self, x)
         regather = self._use_regather()
         if self._megatron and not self.input_is_parallel:
             self.linear_in.sequence_parallel = regather  # megatron's SP linear gathers itself
@@ -246,6 +267,28 @@ class ParallelLinearAdapter(nn.Module):
 
                 x = scatter_to_sequence_parallel_region(x, group=self.tp_group)
         return x
+
+    def local_experts_per_rank(self) -> int:
+        """Global experts per expert-parallel rank (1 without ``num_moe_experts``).
+
+        Raises:
+            ValueError: ``num_moe_experts`` is not divisible by the expert-parallel size.
+        """
+        experts = getattr(self.config, "num_moe_experts", None)
+        if experts is None:
+            return 1
+        ep = self.groups.ep_size
+        if experts % ep:
+            raise ValueError(f"num_moe_experts={experts} must be divisible by the expert-parallel "
+                             f"size {ep}")
+        return experts // ep
+
+    def _uses_grouped_expert_sharding(self) -> bool:
+        """Shared by every expert of a grouped expert linear (saved with an expert axis)."""
+        from bridge.peft.utils import is_grouped_expert_linear
+
+        return self.is_expert and self._megatron and is_grouped_expert_linear(
+            self.base_linear_name)
 
     def _use_regather(self) -> bool:
         """Whether this forward lets linear_in gather (and re-gather in backward) its input."""
@@ -334,6 +377,8 @@ class ParallelLinearAdapter(nn.Module):
             out[key] = swiglu_factory(out[key], sharded_offsets, metadata, self.tp_group)
         if mamba_dim_info is not None and self._megatron:
             out[key] = mamba_in_proj_factory(out[key], mamba_dim_info)
+        if self._uses_grouped_expert_sharding():
+            out = expert_sharded_state_dict(self, out, prefix, sharded_offsets)
         return out
 
 
