@@ -13,6 +13,8 @@ from bridge.kernels.backend import validate_backend_name
 from bridge.peft.adapter_init import check_adapter_hparams, check_lora_dtype
 from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.base import PEFT, _chunks
+from bridge.peft.expert_adapters import GroupedExpertLinearAdapter, SharedOuterGroupedExpertAdapter
+from bridge.peft.expert_lora_layers import ExpertLoRALinear, is_grouped_linear
 from bridge.peft.lora_layers import LinearAdapter, LoRALinear, LoRATopKRouter, validate_gemm_strategy
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
@@ -90,13 +92,20 @@ class LoRA(PEFT, ModuleMatcher):
             'zero'.
         a2a_experimental: row-parallel adapters under sequence parallelism use one all-to-all.
         lora_dtype: dtype of the adapter weights (default: the base's params dtype).
-        normalize_moe_lora, share_expert_adapters, experts_shared_outer_loras: MoE expert
-            options of Megatron-Bridge; expert linears are not supported yet (a clear error).
+        normalize_moe_lora: expert linears get rank ``dim // moe_router_topk`` (rounded up to
+            the expert-TP size beside a column base): a dense model's adapter capacity.
+        share_expert_adapters: a grouped expert linear (TE's GroupedLinear over the local
+            experts) gets one adapter shared by every expert (default), else one per expert.
+        experts_shared_outer_loras: grouped expert linears get the shared-outer layout (fc1: A
+            shared, B per expert; fc2: A per expert, B shared).
         kernel_backend: 'auto' | 'triton' | 'cuda' | 'eager' (see bridge.kernels.backend).
         kernel_gemm: 'auto' | 'fused' | 'cublas' (how the fused path runs its big GEMMs).
 
     A matched MoE router (``TopKRouter``) gets a ``LoRATopKRouter``; a plain ``nn.Linear`` a
-    ``LoRALinear`` with a ``LinearAdapter``.
+    ``LoRALinear`` with a ``LinearAdapter``; an expert linear (SequentialMLP's per-expert linears,
+    a grouped expert linear) or a base without TP communication of its own (shared experts with
+    ``moe_shared_expert_overlap``) an ``ExpertLoRALinear`` (bridge.peft.expert_lora_layers), whose
+    adapter keeps the base's parallel state.
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -145,7 +154,9 @@ class LoRA(PEFT, ModuleMatcher):
                                     lora_dtype=self.lora_dtype,
                                     lora_B_init_method=self.lora_B_init_method)
             return LoRALinear(module, adapter, **wrapper)
-        is_expert = is_expert_linear(full_name)
+        grouped = is_grouped_linear(module)
+        is_expert = is_expert_linear(full_name) or grouped or getattr(module, "is_expert",
+                                                                       False) is True
         attrs = get_adapter_attributes_from_linear(
             module, is_expert=is_expert,
             sequence_parallel_input_regather=self.sequence_parallel_input_regather and not is_expert)
@@ -154,21 +165,36 @@ class LoRA(PEFT, ModuleMatcher):
         dim = align_expert_dim_for_tp(module, dim, normalize_moe_lora=self.normalize_moe_lora,
                                       is_expert=is_expert, input_is_parallel=attrs.input_is_parallel)
         logger.info("Adding LoRA to %s", full_name)
-        adapter = ParallelLinearAdapter(
-            attrs.in_features, attrs.out_features, dim, base_linear_name=full_name,
-            activation="identity", column_init_method=self.lora_A_init_method,
-            row_init_method=self.lora_B_init_method, input_is_parallel=attrs.input_is_parallel,
-            dropout=self.dropout, model_parallel_config=getattr(module, "config", None),
-            alpha=self.alpha, dropout_position=self.dropout_position, is_expert=is_expert,
-            a2a_experimental=self.a2a_experimental,
-            disable_tensor_parallel_comm=attrs.disable_tensor_parallel_comm,
-            disable_sequence_parallel_comm=attrs.disable_sequence_parallel_comm,
-            base_linear_is_parallel=attrs.base_linear_is_parallel,
-            sequence_parallel_input_regather=self.sequence_parallel_input_regather,
-            params_dtype=self.lora_dtype, tp_group=getattr(module, "tp_group", None),
-        )
+        common = dict(base_linear_name=full_name, activation="identity",
+                      column_init_method=self.lora_A_init_method,
+                      row_init_method=self.lora_B_init_method,
+                      input_is_parallel=attrs.input_is_parallel, dropout=self.dropout,
+                      model_parallel_config=getattr(module, "config", None), alpha=self.alpha,
+                      dropout_position=self.dropout_position,
+                      base_linear_is_parallel=attrs.base_linear_is_parallel)
+        tp_group = getattr(module, "tp_group", None)
+        if is_expert and tp_group is None:
+            tp_group = getattr(module, "_tp_group", None)  # TE's grouped linear keeps it here
+        if grouped and (self.experts_shared_outer_loras or not self.share_expert_adapters):
+            cls = SharedOuterGroupedExpertAdapter if self.experts_shared_outer_loras \
+                else GroupedExpertLinearAdapter
+            weight = module.weight0
+            adapter = cls(attrs.in_features, attrs.out_features, dim,
+                          num_local_experts=module.num_gemms, params_device=weight.device,
+                          params_dtype=self.lora_dtype or weight.dtype, tp_group=tp_group,
+                          **common)
+        else:
+            adapter = ParallelLinearAdapter(
+                attrs.in_features, attrs.out_features, dim, is_expert=is_expert,
+                a2a_experimental=self.a2a_experimental,
+                disable_tensor_parallel_comm=attrs.disable_tensor_parallel_comm,
+                disable_sequence_parallel_comm=attrs.disable_sequence_parallel_comm,
+                sequence_parallel_input_regather=self.sequence_parallel_input_regather,
+                params_dtype=self.lora_dtype, tp_group=tp_group, **common)
         if is_router(module):
             return LoRATopKRouter(module, adapter)
+        if is_expert or attrs.disable_tensor_parallel_comm:
+            return ExpertLoRALinear(module, adapter, **wrapper)
         return LoRALinear(module, adapter, **wrapper)
 
 
