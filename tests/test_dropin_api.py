@@ -466,8 +466,6 @@ def test_sharded_state_dict_passes_the_callers_metadata_through():
     (lambda: CanonicalLoRA(target_modules=["linear_fc1"]), AssertionError,
      "Canonical LoRA does not support target 'linear_fc1'"),
     (lambda: LoRA(dropout_position="middle"), AssertionError, "unknown dropout_position"),
-    (lambda: ParallelLinearAdapter(K, N, R, "m.experts.linear_fc1", is_expert=True),
-     NotImplementedError, "MoE expert linear"),
     (lambda: ParallelLinearAdapter(K, N, R, column_init_method="orthogonal"),
      NotImplementedError, "unknown init method 'orthogonal'"),
     (lambda: peft_utils.get_adapter_attributes_from_linear(nn.Conv2d(1, 1, 1)),
