@@ -72,7 +72,13 @@ def _layers(model: nn.Module):
 
 
 def _check_wrapper(name: str, module: AdapterWrapper) -> None:
-    if not isinstance(module, (LoRALinear, _SplitLoRA, DoRALinear)):
+    from bridge.peft.multi_lora_layers import MultiLoRALinear
+
+    if isinstance(module, MultiLoRALinear) and "adapter" not in module._modules:
+        raise NotImplementedError(
+            f"{name}: a MultiLoRA layer holds {module.n_adapters} adapter slots; export or import "
+            "one inside `with expose_adapter_slot(model, idx):` (it then reads as one LoRA)")
+    if not isinstance(module, (LoRALinear, _SplitLoRA, DoRALinear, MultiLoRALinear)):
         raise NotImplementedError(
             f"{name}: {type(module).__name__} cannot be exchanged with Hugging Face PEFT yet "
             "(LoRA, canonical LoRA and DoRA only)"
