@@ -1,19 +1,19 @@
 """pytest plumbing of the benchmark modules: the grid, the measured machine rates, the ``bench``
-fixture that checks and measures one (case, provider, gemm, mode) with the shared timer
-(kernels/_timing.py: CUDA events and an L2 flush on a GPU), the time budget, and the CSV written
-when the session ends (to ``$BENCH_CSV``)."""
+fixture that checks and measures one (case, provider, gemm, mode) of the dense ops with the shared
+timer (kernels/_timing.py: CUDA events and an L2 flush on a GPU), the ``record`` fixture through
+which the grouped and multi-LoRA modules add their rows, the time budget per op, and the one CSV
+(``results.COLUMNS``) written when the session ends (to ``$BENCH_CSV``)."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch
 
 from benchmarks import roofline
-from benchmarks.cases import BUDGET_ENV, Case, make_grid
+from benchmarks.cases import Case, budget_spent, make_grid
 from benchmarks.measure import Skip, environment, measure
 from benchmarks.providers import provider as get_provider
 from benchmarks.results import write_csv
@@ -22,7 +22,6 @@ CSV_ENV = "BENCH_CSV"
 THREADS_ENV = "BENCH_THREADS"
 ROWS: list[dict] = []
 RATES: dict[str, object] = {}
-_START: dict[str, float] = {}
 
 
 def pytest_configure(config):
@@ -63,11 +62,10 @@ def bench(grid, rates):
     skip)."""
 
     def run(case: Case, provider: str, gemm: str, mode: str) -> dict:
-        budget = float(os.environ.get(BUDGET_ENV, "0") or 0)
-        start = _START.setdefault(case.op, time.monotonic())
         name = f"{provider}:{gemm}" if gemm else provider
-        if budget and time.monotonic() - start > budget:
-            pytest.skip(f"time budget of {budget:.0f} s for {case.op} spent")
+        spent = budget_spent(case.op)
+        if spent:
+            pytest.skip(spent)
         ok, reason = get_provider(provider, gemm).probe(case)
         if ok and provider == "compile":
             ok, reason = grid.compile_runs(case)
@@ -75,7 +73,8 @@ def bench(grid, rates):
             ROWS.append(_row_stub(case, provider, gemm, mode, f"skipped: {reason}"))
             pytest.skip(f"{name}: {reason}")
         try:
-            row = measure(case, provider, mode, rates=rates, timed=grid.timed, gemm=gemm)
+            row = measure(case, provider, mode, rates=rates, timed=grid.timed, gemm=gemm,
+                          count_saved=not gemm or gemm in grid.saved_gemms)
         except Skip as exc:
             ROWS.append(_row_stub(case, provider, gemm, mode, f"skipped: {exc}"))
             pytest.skip(f"{name}: {exc}")
@@ -86,6 +85,12 @@ def bench(grid, rates):
         return row
 
     return run
+
+
+@pytest.fixture
+def record():
+    """``record(rows)``: add schema rows (``results.COLUMNS``) to the session CSV."""
+    return ROWS.extend
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -130,11 +130,13 @@ def check(case: Case, provider: Provider, runner: Runner, t: Tensors, *,
 
 # ---- memory ------------------------------------------------------------------------------------
 def _storage_key(t: torch.Tensor):
+    """(identity of ``t``'s storage, its bytes): the StorageImpl's address, which also tells
+    meta storages apart (their data pointers are all 0)."""
     try:
         st = t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None, 0
-    return (str(t.device), st.data_ptr()), st.nbytes()
+    return st._cdata, st.nbytes()
 
 
 @dataclass
@@ -166,7 +168,8 @@ class SavedBytes:
 
 
 def count_saved_bytes(fn: Callable[[], object], params: list[torch.Tensor]):
-    """Run ``fn`` (a forward) and count what it saves for backward; returns (counter, output)."""
+    """Run ``fn`` (a forward) and count what it saves for backward; returns (counter, output).
+    Works on every device, meta tensors included (shapes only: nothing is computed)."""
     counter = SavedBytes(params=list(params))
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         out = fn()
@@ -192,24 +195,35 @@ def peak_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = No
 # with the L2 flushed before every rep on a GPU, the host clock on a CPU; median, p20, p80.
 
 
-def budget_for(device: str) -> Budget:
+def budget_for(device: str, grid: str = "") -> Budget:
     """How long each measurement runs: do_bench's 25 ms warm-up and 100 ms of reps on a GPU; on
-    a CPU a second of reps (each rep a loop of calls lasting >= 1 ms) on shared, noisy cores."""
+    a CPU half a second of reps (each rep a loop of calls lasting >= 1 ms) on shared, noisy
+    cores (the alternating-pairs ratio, ``paired_ratio``, is the robust CPU comparison). The
+    ``tiny`` grid (harness tests, gpu_check.sh's dry run) proves the path, not a figure: 3 reps."""
+    if grid == "tiny":
+        return Budget(warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3, flush=False)
     if device == "cpu":
-        return Budget(warmup_ms=0.0, rep_ms=1000.0, min_reps=7, max_reps=30, flush=False)
+        return Budget(warmup_ms=0.0, rep_ms=500.0, min_reps=5, max_reps=20, flush=False)
     return Budget(warmup_ms=25.0, rep_ms=100.0, min_reps=10, max_reps=200)
 
 
-def mode_callables(runner: Runner, mode: str, dy: torch.Tensor):
-    """(target, setup) for a mode; setup (backward only) runs the forward outside the clock."""
-    inputs = runner.grad_inputs
+def step_callables(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], mode: str,
+                   dy: torch.Tensor):
+    """(target, setup) timing one ``mode`` of ``forward``: ``forward`` (a training forward),
+    ``backward`` (autograd.grad of ``inputs``; the forward is the untimed setup of each rep) or
+    ``fwd+bwd``. Every benchmark module times its modes through this."""
     if mode == "forward":
-        return runner.forward, None
+        return forward, None
     if mode == "fwd+bwd":
-        return (lambda: torch.autograd.grad(runner.forward(), inputs, dy)), None
+        return (lambda: torch.autograd.grad(forward(), inputs, dy)), None
     if mode == "backward":
-        return (lambda y: torch.autograd.grad(y, inputs, dy)), (lambda: (runner.forward(),))
+        return (lambda y: torch.autograd.grad(y, inputs, dy)), (lambda: (forward(),))
     raise ValueError(f"unknown mode {mode!r}")
+
+
+def mode_callables(runner: Runner, mode: str, dy: torch.Tensor):
+    """(target, setup) for a mode of a dense-op provider (``step_callables``)."""
+    return step_callables(runner.forward, runner.grad_inputs, mode, dy)
 
 
 # ---- one measurement ---------------------------------------------------------------------------
@@ -227,7 +241,7 @@ class _State:
 _STATE: dict[tuple[Case, str], _State] = {}
 
 
-def _prepare(case: Case, prov: Provider, small_check: bool) -> _State:
+def _prepare(case: Case, prov: Provider, small_check: bool, count_saved: bool = True) -> _State:
     key = (case, prov.name)
     if key in _STATE:
         return _STATE[key]
@@ -242,10 +256,11 @@ def _prepare(case: Case, prov: Provider, small_check: bool) -> _State:
                          case.device, seed=SEED)
         runner = prov.build(case, t)
         st.check_err = check(case, prov, runner, t, small=small_check)
-        torch.manual_seed(SEED)
-        st.saved, y = count_saved_bytes(runner.forward, runner.params)
-        st.dy = torch.randn_like(y)
-        del y
+        if count_saved:
+            torch.manual_seed(SEED)
+            st.saved, y = count_saved_bytes(runner.forward, runner.params)
+            st.dy = torch.randn_like(y)
+            del y
         st.runner = runner
     except Exception as exc:  # noqa: BLE001  (kept: every mode of this provider reports it)
         st.error = exc
@@ -275,28 +290,34 @@ def environment() -> dict[str, str]:
 
 
 def measure(case: Case, provider_name: str, mode: str, *, rates: roofline.Rates | None,
-            timed: bool = True, gemm: str = "", budget: Budget | None = None) -> dict:
+            timed: bool = True, gemm: str = "", budget: Budget | None = None,
+            count_saved: bool = True) -> dict:
     """One CSV row. ``timed=False`` measures everything but time (the interpreter's rows);
-    ``gemm``: the GEMM strategy of a fused provider.
+    ``gemm``: the GEMM strategy of a fused provider; ``count_saved=False`` (untimed rows only)
+    leaves out the forward at the case's shape that counts the saved bytes (the row is then the
+    small-shape check alone).
 
     Raises ``Skip`` (cannot run here, with the reason) or the check's ``AssertionError``.
     """
     prov = provider(provider_name, gemm)
-    st = _prepare(case, prov, small_check=not timed)
+    st = _prepare(case, prov, small_check=not timed, count_saved=count_saved or timed)
     if st.error is not None:
         raise st.error
     runner = st.runner
     row = {
         "op": case.op, "provider": provider_name, "gemm": gemm or None, "mode": mode,
         "M": case.M, "K": case.K, "N": case.N, "r": case.r, "p": case.p,
-        "dtype": case.dtype_name, "saved_bytes": st.saved.without_params,
-        "saved_bytes_with_params": st.saved.with_params, "check_err": st.check_err, "note": "",
-        **environment(),
+        "dtype": case.dtype_name, "check_err": st.check_err, "note": "", **environment(),
     }
-    target, setup = mode_callables(runner, mode, st.dy)
+    if st.saved is not None:
+        row.update(saved_bytes=st.saved.without_params,
+                   saved_bytes_with_params=st.saved.with_params)
     if not timed:
-        row["note"] = "interpreted: not timed"
+        row["note"] = "interpreted: not timed" + ("" if st.saved is not None else (
+            f"; checked at {'x'.join(map(str, CHECK_SHAPE))} only (saved bytes: see the other "
+            "GEMM strategy's row, the same saves by construction)"))
         return row
+    target, setup = mode_callables(runner, mode, st.dy)
     row["peak_mem_bytes"] = peak_bytes(target, setup)
     t = bench(target, case.device, setup=setup, budget=budget or budget_for(case.device))
     median = t.median_ms / 1e3

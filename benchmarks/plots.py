@@ -2,8 +2,9 @@
 
     python -m benchmarks.plots benchmarks/results/<run>/results.csv [--out DIR]
 
-Per op and mode: time relative to the frozen base per shape and provider. Per op: bytes saved for
-backward per shape and provider (weights aside, and with weights).
+Per op (dense, grouped, multi-LoRA, layer step) and mode: time relative to the frozen base per
+shape (and variant) and provider. Per op: bytes saved for backward per shape and provider (weights
+aside, and with weights).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.cases import BASELINE, MODES, PROVIDERS  # noqa: E402
-from benchmarks.results import providers_of, read_csv, row_label  # noqa: E402
+from benchmarks.cases import BASELINE, MODES  # noqa: E402
+from benchmarks.results import ops_and_providers, read_csv, row_label  # noqa: E402
 
 
 def _shape(row: dict) -> str:
-    return f"{row['M']}x{row['K']}x{row['N']}\nr{row['r']} p{row['p']:g}"
+    variant = f"\n{row['variant']}" if row.get("variant") else ""
+    return f"{row['M']}x{row['K']}x{row['N']}\nr{row['r']} p{row['p']:g}{variant}"
 
 
 def _bars(ax, table: dict[str, dict[str, float]], providers: list[str],
@@ -50,8 +52,7 @@ def plot_all(csv_path, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     device = rows[0]["device"] if rows else ""
-    for op in PROVIDERS:
-        providers = providers_of(op)
+    for op, providers in ops_and_providers(rows).items():
         for mode in MODES:
             times: dict[str, dict[str, float]] = defaultdict(dict)
             spread: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
@@ -81,8 +82,9 @@ def plot_all(csv_path, out_dir) -> list[Path]:
         for row in rows:
             if row["op"] == op and row["saved_bytes"] is not None:
                 saved["weights aside"][_shape(row)][row_label(row)] = row["saved_bytes"] / 2**20
+                with_w = row.get("saved_bytes_with_params")  # the layer rows leave it out
                 saved["with weights"][_shape(row)][row_label(row)] = \
-                    row["saved_bytes_with_params"] / 2**20
+                    float("nan") if with_w is None else with_w / 2**20
         if not saved["weights aside"]:
             continue
         present = [p for p in providers if any(p in v for v in saved["weights aside"].values())]

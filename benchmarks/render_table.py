@@ -2,10 +2,11 @@
 
     python -m benchmarks.render_table [benchmarks/results/gpu-.../results.csv] [--out FILE]
 
-Per op and mode: one row per shape, one column per provider (the fused ones per GEMM strategy:
-``triton:fused``, ``triton:cublas``, ``triton:auto``), "median ms (x frozen)", and auto's fraction
-of the roofline floor; then saved-for-backward bytes and peak memory per provider, and the
-headline figures with their targets.
+The headline figures with their targets first (the layer step's among them), then per op (the
+layer step, the dense ops, grouped, multi-LoRA) and mode: one row per shape (and variant), one
+column per provider (the fused ones per GEMM strategy: ``triton:fused``, ``triton:cublas``,
+``triton:auto``), "median ms (x frozen)", and auto's fraction of the roofline floor where known;
+then saved-for-backward bytes and peak memory per provider.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.cases import AUTO, BASELINE, FUSED, MODES, PROVIDERS, label
-from benchmarks.results import cpu_figures, gpu_figures, providers_of, read_csv, row_label
+from benchmarks.cases import AUTO, BASELINE, FUSED, MODES, label
+from benchmarks.results import (
+    cpu_figures,
+    gpu_figures,
+    ops_and_providers,
+    read_csv,
+    row_label,
+    variant_figures,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +37,8 @@ def latest_csv(prefix: str = "gpu-") -> Path:
 
 
 def _shape(row: dict) -> str:
-    return f"{row['M']}x{row['K']}x{row['N']} r{row['r']} p{row['p']:g}"
+    variant = f" {row['variant']}" if row.get("variant") else ""
+    return f"{row['M']}x{row['K']}x{row['N']} r{row['r']} p{row['p']:g}{variant}"
 
 
 def _mib(x) -> str:
@@ -46,14 +55,13 @@ def render(rows: list[dict], rates: dict | None = None) -> str:
         lines.append(f"Measured peaks in the same run: {rates['matmul_tflops']:.3g} TFLOP/s GEMM, "
                      f"{rates['copy_gbps']:.0f} GB/s copy ({rates.get('note', '')}).")
     gpu = any(r["device"] and "cpu" not in r["device"].lower() for r in rows)
-    figs = gpu_figures(rows) if gpu else cpu_figures(rows)
+    figs = variant_figures(rows, gpu) + (gpu_figures(rows) if gpu else cpu_figures(rows))
     lines += ["", "| figure | value | target | |", "|---|---|---|---|"]
     for f in figs:
         value = "n/a" if f.value is None else f"{f.value:.3f}"
         verdict = {True: "meets", False: "misses", None: f.why}[f.met]
         lines.append(f"| {f.name} | {value} | {f.target} | {verdict} |")
-    for op in PROVIDERS:
-        providers = providers_of(op)
+    for op, providers in ops_and_providers(rows).items():
         for mode in MODES:
             table: dict[str, dict[str, dict]] = defaultdict(dict)
             for r in rows:
@@ -103,9 +111,10 @@ def render(rows: list[dict], rates: dict | None = None) -> str:
                   f"{'' if r['host_us'] is None else format(r['host_us'], '.1f')} | "
                   f"{r['note'] or ''} |" for r in host]
     skipped = sorted({(r["op"], row_label(r), r["note"]) for r in rows
-                      if (r["note"] or "").startswith("skipped")})
+                      if (r["note"] or "").startswith(("skipped", "FAILED"))})
     if skipped:
-        lines += ["", "Skipped:"] + [f"- {op} / {prov}: {note[9:]}" for op, prov, note in skipped]
+        lines += ["", "Skipped or failed:"] + [f"- {op} / {prov}: {note}"
+                                                for op, prov, note in skipped]
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,11 @@
-"""Rows in, files and figures out: the CSV schema, reading and writing, the ratios the summary
-prints (to the frozen linear and to eager; frozen/auto and eager/auto per shape), the host-time
-rows, and the headline figures with their targets.
+"""Rows in, files and figures out: the one CSV schema of every benchmark (dense, grouped,
+multi-LoRA, layer step), reading and writing, the ratios the summary prints (to the frozen base and
+to eager; frozen/auto and eager/auto per shape), the host-time rows, the layer rows converted from
+benchmarks/bench_layer.py's CSV, and the headline figures with their targets.
 
 A fused provider's rows carry their GEMM strategy in ``gemm``; tables name them
-``triton:fused``, ``triton:cublas``, ``triton:auto`` (cases.label)."""
+``triton:fused``, ``triton:cublas``, ``triton:auto`` (cases.label). Rows of ops with sub-cases
+beyond (M, K, N, r, p, dtype) name them in ``variant`` (part of the shape key)."""
 
 from __future__ import annotations
 
@@ -15,20 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from benchmarks.cases import AUTO, BASELINE, FUSED, GEMMS, HEADLINE, MODES, PROVIDERS, label
+from benchmarks.schema import COLUMN_DOCS, COLUMN_NAMES, COLUMNS, SHAPE_KEY, VARIANT_OPS
 
-# (column, type); empty cells read back as None. Times in milliseconds, bandwidth in GB/s.
-COLUMNS: tuple[tuple[str, type], ...] = (
-    ("op", str), ("provider", str), ("gemm", str), ("mode", str),
-    ("M", int), ("K", int), ("N", int), ("r", int), ("p", float), ("dtype", str),
-    ("median_ms", float), ("p20_ms", float), ("p80_ms", float), ("rounds", int),
-    ("host_us", float),
-    ("tflops", float), ("gbps", float), ("roofline_frac", float), ("floor_ms", float),
-    ("saved_bytes", int), ("saved_bytes_with_params", int), ("peak_mem_bytes", int),
-    ("check_err", float), ("note", str),
-    ("device", str), ("torch", str), ("triton", str), ("date", str),
-)
-COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
-SHAPE_KEY = ("op", "M", "K", "N", "r", "p", "dtype")
+__all__ = ["COLUMNS", "COLUMN_DOCS", "COLUMN_NAMES", "SHAPE_KEY", "VARIANT_OPS"]  # + the rest
 
 
 def write_csv(rows: Iterable[dict], path) -> None:
@@ -47,7 +38,49 @@ def read_csv(path) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in SHAPE_KEY)
+    return tuple(row.get(k) for k in SHAPE_KEY)
+
+
+def add_frozen_ratios(rows: list[dict]) -> list[dict]:
+    """Fill ``x_frozen`` (median / the frozen provider's median at the same shape key and mode)
+    of every timed row that has none; returns ``rows``."""
+    base = {(*_key(r), r["mode"]): r["median_ms"] for r in rows
+            if r["provider"] == BASELINE and r.get("median_ms")}
+    for r in rows:
+        b = base.get((*_key(r), r["mode"]))
+        if r.get("median_ms") is not None and r.get("x_frozen") is None and b:
+            r["x_frozen"] = r["median_ms"] / b
+    return rows
+
+
+# ---- the layer step's rows (benchmarks/bench_layer.py writes its own, wider CSV) ----------------
+def layer_variant(spec: str, layers, heads, seq, batch) -> str:
+    return f"{spec}-L{layers}-a{heads}-s{seq}x{batch}"
+
+
+def rows_from_layer_csv(path) -> list[dict]:
+    """The rows of bench_layer.py's CSV (``layer_report.LAYER_COLUMNS``: one per case and
+    provider) in this schema: op ``layer``, mode ``fwd+bwd``, M = tokens, K = hidden, N = ffn,
+    ``variant`` from the spec and dims, ``x_frozen`` its ``time_x_frozen``. Columns of its own
+    (saved bytes by component, ratios to eager, peak allowance) stay in that file."""
+    types = dict(COLUMNS)
+
+    def get(raw: dict, k: str, t: type):
+        return None if raw.get(k) in (None, "") else t(raw[k])
+
+    out = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {k: get(raw, k, types[k]) for k in (
+                "provider", "M", "K", "N", "r", "p", "dtype", "spec", "median_ms", "p20_ms",
+                "p80_ms", "tokens_per_s", "tflops", "saved_bytes", "peak_mem_bytes", "check_err",
+                "paths", "note", "device", "torch", "triton", "date")}
+            row.update(op="layer", mode="fwd+bwd", x_frozen=get(raw, "time_x_frozen", float),
+                       variant=layer_variant(raw.get("spec"), raw.get("layers"), raw.get("heads"),
+                                             raw.get("seq"), raw.get("batch")))
+            row["note"] = row["note"] or ""
+            out.append(row)
+    return out
 
 
 def row_label(row: dict) -> str:
@@ -66,6 +99,16 @@ def _timed(rows: Iterable[dict]) -> dict[tuple, dict[str, float]]:
 def providers_of(op: str) -> list[str]:
     """Display order of the labels of ``op``: each fused provider once per strategy."""
     return [label(p, g) for p in PROVIDERS[op] for g in (GEMMS if p in FUSED else ("",))]
+
+
+def ops_and_providers(rows: list[dict]) -> dict[str, list[str]]:
+    """{op: provider labels in display order} of the ops present in ``rows``: the dense ops'
+    order from cases.PROVIDERS, the others in the order their rows came."""
+    present = dict.fromkeys(r["op"] for r in rows)
+    order = [op for op in (*PROVIDERS, *VARIANT_OPS) if op in present]
+    order += [op for op in present if op not in order]
+    return {op: providers_of(op) if op in PROVIDERS else
+            list(dict.fromkeys(row_label(r) for r in rows if r["op"] == op)) for op in order}
 
 
 def ratios(rows: Iterable[dict], numerator: str, denominator: str, *, mode: str | None = None,
@@ -201,6 +244,115 @@ def gpu_figures(rows: list[dict]) -> list[Figure]:
     return figs
 
 
+# ---- grouped, multi-LoRA and layer-step figures ------------------------------------------------
+_ELT = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def _x_plus_s(row: dict) -> int:
+    """The fused op's goal for saved bytes: x [M, K] in its dtype and S [M, r] in fp32."""
+    return row["M"] * row["K"] * _ELT[row["dtype"]] + row["M"] * row["r"] * 4
+
+
+def _median_of(rows, op, prov, mode="fwd+bwd", **match) -> dict[str, float]:
+    """{variant: median_ms} of ``op``'s provider label ``prov`` whose columns equal ``match``."""
+    return {r["variant"]: r["median_ms"] for r in rows
+            if r["op"] == op and row_label(r) == prov and r["mode"] == mode
+            and r.get("median_ms") is not None and all(r.get(k) == v for k, v in match.items())}
+
+
+def variant_figures(rows: list[dict], gpu: bool) -> list[Figure]:
+    """Issue 12/13/14's figures: on a GPU grouped fused / eager (worst case), multi-LoRA n=8 / n=1
+    (goal 1.2) and the layer step fused / frozen at p=0 (<= 1.15); on the CPU the fused ops'
+    saved bytes against x + S (no mask, no x~) and the layer's fused / eager at p=0.1 (<= 0.6)."""
+    figs = []
+    have = {r["op"] for r in rows}
+    if gpu:
+        if "grouped_lora_linear" in have:
+            fused = _median_of(rows, "grouped_lora_linear", "fused")
+            eager = _median_of(rows, "grouped_lora_linear", "eager")
+            xs = {v: fused[v] / eager[v] for v in fused if v in eager}
+            worst = max(xs, key=xs.get) if xs else None
+            figs.append(Figure(f"grouped fused / eager fwd+bwd, worst of {len(xs)} cases",
+                               xs.get(worst), "<= 1.0", worst or "fused or eager not timed"))
+        if "multi_lora_linear" in have:
+            prov = label("fused", AUTO)
+            for split in ("even", "uneven"):
+                one = _median_of(rows, "multi_lora_linear", prov, n_slots=1)
+                eight = _median_of(rows, "multi_lora_linear", prov, n_slots=8, split=split)
+                val = max(eight.values()) / min(one.values()) if one and eight else None
+                figs.append(Figure(f"multi-LoRA {prov} fwd+bwd n=8 ({split}) / n=1", val,
+                                   "<= 1.2", "" if val else "n=1 or n=8 not timed"))
+    else:
+        for op in ("grouped_lora_linear", "multi_lora_linear"):
+            fused = [r for r in rows if r["op"] == op and r["provider"] == "fused"
+                     and r.get("saved_bytes") is not None]
+            if not fused:
+                continue
+            m = max(r["M"] for r in fused)
+            worst = max((r for r in fused if r["M"] == m), key=lambda r: r["saved_bytes"]
+                        / _x_plus_s(r))
+            figs.append(Figure(f"saved bytes fused / (x + S) ({op}, M={m}, worst case)",
+                               worst["saved_bytes"] / _x_plus_s(worst), "<= 1.01",
+                               worst.get("variant") or ""))
+    for r in rows:
+        if r["op"] != "layer" or r["provider"] != "fused":
+            continue
+        frozen = next((f for f in rows if f["op"] == "layer" and f["provider"] == BASELINE
+                       and _key(f) == _key(r)), {})
+        eager = next((f for f in rows if f["op"] == "layer" and f["provider"] == "eager"
+                      and _key(f) == _key(r)), {})
+        if gpu and r["p"] == 0.0:
+            figs.append(Figure(f"layer step fused / frozen ({r['variant']}, p=0)",
+                               r.get("x_frozen"), "<= 1.15", "" if r.get("x_frozen") else
+                               (r.get("note") or "not timed")))
+        if r["p"] > 0 and r.get("saved_bytes") and eager.get("saved_bytes"):
+            figs.append(Figure(f"layer saved bytes fused / eager ({r['variant']}, p={r['p']:g})",
+                               r["saved_bytes"] / eager["saved_bytes"], "<= 0.6",
+                               f"frozen saves {frozen.get('saved_bytes', 0) / 2**20:.2f} MiB itself"))
+    return figs
+
+
+def variant_table(rows: list[dict], op: str) -> str:
+    """Per variant, shape and mode of ``op`` (grouped, multi-LoRA, layer): each provider's median
+    ms and its ratio to frozen, cases in the order they ran."""
+    timed = [r for r in rows if r["op"] == op and r.get("median_ms") is not None]
+    if not timed:
+        return ""
+    present = list(dict.fromkeys(row_label(r) for r in timed))
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in timed:
+        groups[(r.get("variant") or "", r["M"], r["K"], r["N"], r["r"], r["p"], r["mode"])][
+            row_label(r)] = r
+    head = (f"{'variant':<30}{'M x K x N r p':<26}{'mode':<9}"
+            + "".join(f"{p:>20}" for p in present))
+    lines = ["", f"{op}: median ms (x frozen)", head, "-" * len(head)]
+    for (variant, m, k, n, r, p, mode), by in groups.items():
+        cells = []
+        for prov in present:
+            row = by.get(prov)
+            if row is None:
+                cells.append(f"{'-':>20}")
+                continue
+            x = "-" if row.get("x_frozen") is None else f"{row['x_frozen']:.2f}"
+            cells.append(f"{row['median_ms']:>12.3f} ({x:>5})")
+        lines.append(f"{variant:<30}{f'{m}x{k}x{n} r{r} p{p:g}':<26}{mode:<9}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """One line per FAILED check and per skipped provider (deduplicated over modes), leaving out
+    skips of a provider that another pass checked (the CPU's fused ops: the interpreter pass)."""
+    ran = {(r["op"], row_label(r)) for r in rows if r.get("check_err") is not None}
+    seen = {}
+    for r in rows:
+        note = r.get("note") or ""
+        if note.startswith("skipped") and (r["op"], row_label(r)) in ran:
+            continue
+        if note.startswith(("FAILED", "skipped")):
+            seen.setdefault((r["op"], row_label(r), r.get("variant") or "", note[:160]), None)
+    return [f"  {op} {v + ' ' if v else ''}{prov}: {note}" for op, prov, v, note in seen]
+
+
 def host_figure(rows: list[dict]) -> Figure:
     """Ours (fused path, kernel time out) against Megatron-Bridge's LoRA, host us per call."""
     host = {row_label(r): r for r in rows if r.get("mode") == "host"}
@@ -292,13 +444,15 @@ def saved_table(rows: list[dict]) -> str:
     for row in rows:
         if row.get("saved_bytes") is not None:
             seen[(*_key(row), row_label(row))] = (row["saved_bytes"],
-                                                   row["saved_bytes_with_params"])
+                                                   row.get("saved_bytes_with_params"))
     if not seen:
         return ""
     lines = ["", "bytes saved for backward (MiB, weights aside / with weights)"]
-    for key in sorted({k[:-1] for k in seen}):
-        cells = [f"{prov}={a / 2**20:.2f}/{b / 2**20:.2f}" for (*k, prov), (a, b) in seen.items()
-                 if tuple(k) == key]
-        lines.append(f"  {key[0]} {key[1]}x{key[2]}x{key[3]} r{key[4]} p{key[5]:g}: "
+    for key in sorted({k[:-1] for k in seen}, key=lambda k: tuple("" if v is None else v
+                                                                 for v in k)):
+        cells = [f"{prov}={a / 2**20:.2f}/" + ("?" if b is None else f"{b / 2**20:.2f}")
+                 for (*k, prov), (a, b) in seen.items() if tuple(k) == key]
+        variant = f" {key[7]}" if key[7] else ""
+        lines.append(f"  {key[0]} {key[1]}x{key[2]}x{key[3]} r{key[4]} p{key[5]:g}{variant}: "
                      + "  ".join(cells))
     return "\n".join(lines)

@@ -6,6 +6,7 @@ the host-time rows (CPU, fast)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from bridge.kernels._timing import Budget, bench_host, summarize
 
 from benchmarks import roofline
-from benchmarks.cases import Case, grid_params, make_grid, param_id
+from benchmarks.cases import HEADLINE, Case, grid_params, make_grid, param_id
 from benchmarks.measure import check, count_saved_bytes, measure
 from benchmarks.providers import PROVIDERS, Provider, Runner, make_tensors, provider
 from benchmarks.results import (
@@ -141,15 +142,17 @@ def test_fused_provider_rows_carry_their_gemm_strategy(gemm):
     assert provider("triton", gemm).name == f"triton:{gemm}"
 
 
-def test_grid_runs_each_fused_provider_per_gemm_strategy():
+def test_gpu_grid_runs_frozen_then_each_fused_strategy_first():
+    """A stage cut short by its time limit keeps frozen vs fused at the headline shape."""
     grid = make_grid("gpu")
     params = grid_params(grid, "lora_linear")
     first = [p for p in params if p[0] == grid.cases[0]]
-    assert {(prov, gemm) for _, prov, gemm, _ in first} >= {
-        ("frozen", ""), ("eager", ""), ("triton", "fused"), ("triton", "cublas"),
-        ("triton", "auto")}
-    assert param_id(first[-1]).endswith("/triton:auto/fwd+bwd")
-    assert make_grid("interp").gemms == ("fused", "cublas")
+    assert (first[0][0].M, first[0][0].K, first[0][0].N, first[0][0].r) == HEADLINE
+    order = list(dict.fromkeys(param_id(p).split("/")[1] for p in first))
+    assert order[:4] == ["frozen", "triton:fused", "triton:cublas", "triton:auto"]
+    assert set(order[4:]) == {"eager", "peft", "compile"}
+    interp = make_grid("interp")  # the fused strategy's interpreted GEMM is checked, not counted
+    assert (interp.gemms, interp.saved_gemms) == (("fused", "cublas"), ("cublas",))
 
 
 # ---- the correctness gate ----------------------------------------------------------------------
@@ -275,3 +278,261 @@ def test_saved_ratio_and_cpu_figures():
                                                              pytest.approx(0.9)]
     assert figs[-1].value == 0.95 and figs[-1].met
     assert Figure("x", 1.3, "<= 1.25").met is False and Figure("x", 1.3, ">= 1.3").met
+
+
+# ---- the grouped and multi-LoRA modules, the merged schema ----------------------------------------
+@requires_kernel_device()
+def test_grouped_check_uses_the_kernels_own_mask(monkeypatch):
+    """The fused provider is compared under the mask its seed regenerates: any other mask fails."""
+    from bridge.kernels import philox
+
+    from benchmarks import bench_grouped_lora_linear as bg
+
+    case = next(c for c in bg.cases("tiny") if c.p > 0 and c.layout == "per_expert")
+    t = bg.make_inputs(case)
+    assert bg.check("fused", case, t) < 1e-5
+    monkeypatch.setattr(philox, "dropout_keep_mask", lambda seed, shape, p, device: torch.ones(
+        shape, dtype=torch.bool, device=device))
+    with pytest.raises(AssertionError, match="fused differs from the fp64 reference"):
+        bg.check("fused", case, t)
+
+
+@requires_kernel_device()
+def test_multi_lora_rows_a_wrong_provider_is_never_timed(monkeypatch):
+    from benchmarks import bench_multi_lora_linear as bm
+
+    monkeypatch.setenv("BENCH_GRID", "tiny")
+    real = bm.build
+
+    def build(provider, case, t, gemm=""):  # eager's output 1% off: its check must fail
+        fwd, leaves = real(provider, case, t, gemm)
+        return ((lambda: fwd() * 1.01) if provider == "eager" else fwd), leaves
+
+    monkeypatch.setattr(bm, "build", build)
+    case = bm.cases("tiny")[1]  # 3 slots, uneven
+    rows = {(r["provider"], r["gemm"], r["mode"]): r for r in bm.measure_case(case, timed=True)}
+    bad = rows[("eager", None, "forward")]
+    assert bad["note"].startswith("FAILED check") and bad.get("median_ms") is None
+    assert ("eager", None, "fwd+bwd") not in rows
+    assert rows[("frozen", None, "fwd+bwd")]["median_ms"] > 0  # host-timed on the tiny grid
+    fused = rows[("fused", "auto", "forward")]
+    assert fused["note"] == "interpreted: not timed" and fused["check_err"] < 1e-5
+    assert fused["saved_bytes"] == bm.goal_bytes(case)
+    assert (fused["variant"], fused["n_slots"], fused["tokens"]) == ("n3-uneven", 3, "34/22/11")
+    assert set(fused) <= set(COLUMN_NAMES)
+
+
+def test_schema_is_documented_and_the_readme_lists_it():
+    from pathlib import Path
+
+    from benchmarks.schema import COLUMN_DOCS
+
+    assert list(COLUMN_DOCS) == list(COLUMN_NAMES)
+    readme = (Path(__file__).parents[1] / "benchmarks" / "README.md").read_text()
+    missing = [c for c in COLUMN_NAMES if f"`{c}`" not in readme]
+    assert not missing, f"benchmarks/README.md does not list columns {missing}"
+
+
+def _variant_rows():
+    base = dict(K=2048, N=2048, r=16, p=0.0, dtype="bfloat16", mode="fwd+bwd")
+    rows = []
+    for v, med in (("E8-top2-shared", (1.0, 2.0, 1.2)), ("E64-top8-shared", (4.0, 6.0, 6.6))):
+        for prov, ms in zip(("frozen", "eager", "fused"), med, strict=True):
+            rows.append({**base, "op": "grouped_lora_linear", "provider": prov, "gemm": None,
+                         "M": 16384, "variant": v, "median_ms": ms})
+    for n, split, ms in ((1, "even", 2.0), (8, "even", 2.2), (8, "uneven", 2.6)):
+        rows.append({**base, "op": "multi_lora_linear", "provider": "fused", "gemm": "auto",
+                     "M": 8192, "variant": f"n{n}-{split}", "n_slots": n, "split": split,
+                     "median_ms": ms})
+    return rows
+
+
+def test_variant_tables_ratios_and_figures():
+    from benchmarks.results import add_frozen_ratios, variant_figures, variant_table
+
+    rows = add_frozen_ratios(_variant_rows())
+    assert [r["x_frozen"] for r in rows[:3]] == [1.0, 2.0, 1.2]
+    figs = {f.name: f for f in variant_figures(rows, gpu=True)}
+    worst = figs["grouped fused / eager fwd+bwd, worst of 2 cases"]
+    assert worst.value == pytest.approx(1.1) and worst.why == "E64-top8-shared" and not worst.met
+    assert figs["multi-LoRA fused:auto fwd+bwd n=8 (even) / n=1"].value == pytest.approx(1.1)
+    assert figs["multi-LoRA fused:auto fwd+bwd n=8 (uneven) / n=1"].met is False  # 1.3 > 1.2
+    table = variant_table(rows, "grouped_lora_linear")
+    line = next(ln for ln in table.splitlines() if ln.startswith("E64-top8-shared"))
+    assert "4.000 ( 1.00)" in line and "6.000 ( 1.50)" in line and "6.600 ( 1.65)" in line
+
+
+def _layer_csv(tmp_path, p=0.1):
+    """bench_layer's own CSV for one tiny case, written by its own code (no model is run)."""
+    from benchmarks import layer_report
+    from benchmarks.bench_layer import make_cases
+
+    case = next(c for c in make_cases("tiny", ["torch"]) if c.p == p)
+    res = {"frozen": {"times": [0.010, 0.011, 0.012], "saved": 1000, "saved_with": 3000,
+                      "by": {"layer": 1000}, "check_err": 1e-7, "note": ""},
+           "eager": {"times": [0.013, 0.014, 0.015], "saved": 2000, "saved_with": 4000,
+                     "by": {"layer": 1000, "linear_fc2.adapter": 1000}, "check_err": 2e-7,
+                     "paths": {"layers.0.linear_qkv": "eager (requested by argument)"},
+                     "note": "", "adapter_bytes": 64},
+           "megatron-bridge": {"note": "skipped: Megatron-Bridge is not installed"},
+           "fused": {"saved": 1500, "saved_with": 3500, "by": {"layer": 1000},
+                     "check_err": 3e-7, "note": "interpreted: not timed",
+                     "paths": {"layers.0.linear_qkv": "fused (triton)"}, "adapter_bytes": 64}}
+    _, layer_rows = layer_report.case_rows(case, res, 1e9)
+    path = tmp_path / "layer.csv"
+    layer_report.write_layer_csv(layer_rows, str(path))
+    return case, path
+
+
+def test_layer_rows_join_the_schema(tmp_path):
+    from benchmarks.results import rows_from_layer_csv
+
+    case, path = _layer_csv(tmp_path)
+    rows = rows_from_layer_csv(path)
+    assert [r["provider"] for r in rows] == ["frozen", "eager", "megatron-bridge", "fused"]
+    eager = rows[1]
+    assert (eager["op"], eager["mode"], eager["M"], eager["K"], eager["N"], eager["p"]) == (
+        "layer", "fwd+bwd", case.tokens, case.hidden, case.ffn, case.p)
+    assert eager["variant"] == f"torch-L{case.layers}-a4/2-s{case.seq}x{case.batch}"
+    assert eager["x_frozen"] == pytest.approx(14 / 11) and eager["spec"] == "torch"
+    assert eager["paths"] == "layers.0.linear_qkv: eager (requested by argument)"
+    assert rows[2]["note"].startswith("skipped") and rows[3]["median_ms"] is None
+    write_csv(rows, tmp_path / "r.csv")
+    assert [r["variant"] for r in read_csv(tmp_path / "r.csv")] == [eager["variant"]] * 4
+
+
+def test_merge_puts_the_layer_step_first(tmp_path):
+    from benchmarks import run
+
+    _, layer = _layer_csv(tmp_path / "parts" / "layer_p0.1")
+    (tmp_path / "parts" / "layer_p0.1" / "layer.summary.txt").write_text("layer step torch-h32\n")
+    ops = tmp_path / "parts" / "multi"
+    ops.mkdir()
+    write_csv([{**r, "note": ""} for r in _variant_rows()], ops / "results.csv")
+    (tmp_path / "parts" / "empty").mkdir()
+    out = tmp_path / "out"
+    assert run.merge(sorted((tmp_path / "parts").iterdir()), out, plot=False) == 0
+    rows = read_csv(out / "results.csv")
+    assert rows[0]["op"] == "layer" and len(rows) == 4 + len(_variant_rows())
+    text = (out / "summary.txt").read_text()
+    assert text.startswith("== layer step") and "layer step torch-h32" in text
+    assert text.index("layer step torch-h32") < text.index("multi_lora_linear: median ms")
+    assert "part empty: no results" in text
+    assert (out / "layer.csv").read_text() == layer.read_text()
+
+
+# ---- benchmarks/gpu_check.sh ---------------------------------------------------------------------
+GPU_TESTS = ("test_lora_linear_triton.py", "test_norm_lora.py", "test_gemm_kernel.py",
+             "test_gemm_strategy.py", "test_grouped_lora_linear.py", "test_multi_lora_linear.py",
+             "test_csrc.py", "test_philox.py")
+
+
+def _gpu_check(env: dict, tmp_path, timeout: float = 300):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    full.update(PYTHON=sys.executable, OUT=str(tmp_path / "out"), **env)
+    return subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh")], env=full, cwd=repo,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _plan(tmp_path, **env):
+    import shlex
+
+    proc = _gpu_check({"GPU_CHECK_PLAN": "1", **env}, tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [(kind, name, int(limit), shlex.split(cmd))
+            for kind, name, limit, cmd in (ln.split("\t") for ln in proc.stdout.splitlines())]
+
+
+def _argv(cmd: list[str]) -> list[str]:
+    """The command after ``env VAR=...`` prefixes."""
+    if cmd[0] == "env":
+        cmd = cmd[1:]
+        while "=" in cmd[0]:
+            cmd = cmd[1:]
+    return cmd
+
+
+def test_gpu_check_plan_fits_eight_minutes_and_names_what_exists(tmp_path, capsys):
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks import run
+
+    repo = Path(__file__).parents[1]
+    script = repo / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    plan = _plan(tmp_path)
+    names = [name for _, name, _, _ in plan]
+    assert len(names) == len(set(names))
+    fg = [limit for kind, _, limit, _ in plan if kind == "stage"]
+    limits = {name: limit for _, name, limit, _ in plan}
+    # the background build overlaps the stages up to the tests that need bridge._C
+    overlap = limits["mcore"] + limits["tests_triton"] + limits["tests_grouped_multi"]
+    worst = sum(fg) + max(0, limits["build"] - overlap)
+    assert worst <= 450, f"worst case {worst} s: no margin under 8 minutes"
+    named_tests = set()
+    for _, name, limit, cmd in plan:
+        text = " ".join(cmd)
+        for mod in re.findall(r"-m ([a-z_][\w.]*)", text):
+            if mod not in ("not", "gpu"):  # pytest's -m marker expressions
+                assert importlib.util.find_spec(mod) is not None, (name, mod)
+        for path in re.findall(r"tests/\S+\.py", text):
+            assert (repo / path).exists(), (name, path)
+            named_tests.add(Path(path).name)
+        argv = _argv(cmd)
+        if argv[1:3] == ["-m", "benchmarks.run"]:
+            args = run.parser().parse_args(argv[3:])  # exits (fails the test) on a bad option
+            assert args.grid == "gpu" and args.no_layer and 0 < args.budget_s < limit, name
+        if argv[1:3] == ["-m", "benchmarks.bench_layer"]:
+            from benchmarks import bench_layer
+
+            with pytest.raises(SystemExit):
+                bench_layer.main(["--help"])
+            flags = {a for a in argv[3:] if a.startswith("--")}
+            assert flags <= set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+        if argv[1:3] == ["-m", "pytest"]:
+            assert "-m" in argv and argv[argv.index("-m", 3) + 1] == "not slow"
+    assert named_tests >= set(GPU_TESTS)
+    for test in GPU_TESTS:  # none needs megatron-core (the GPU image has none)
+        src = (repo / "tests" / test).read_text()
+        assert "\nimport megatron" not in src and "\nfrom megatron" not in src, test
+    dry = {name: (limit, cmd) for _, name, limit, cmd in _plan(tmp_path, GPU_CHECK_DRY_RUN="1")}
+    assert "--collect-only" in dry["tests_triton"][1] and dry["tests_triton"][0] == 3 * 85
+    grouped = _argv(dry["bench_grouped"][1])
+    assert grouped[grouped.index("--ops") + 1] == "grouped_lora_linear"
+    assert grouped[grouped.index("--grid") + 1] == "tiny"
+    assert "tiny" in dry["bench_layer"][1] and "torch" in dry["bench_layer"][1]  # megatron hidden
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_of_a_stage_and_a_failing_one(tmp_path):
+    """Two stages in the dry run (tiny shapes, the interpreter, megatron-core hidden): their rows
+    reach one results folder; then every stage of a run whose limits are too short is recorded
+    as timed out and the script still finishes."""
+    proc = _gpu_check({"GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_STAGES": "bench_grouped,report"},
+                      tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = tmp_path / "out"
+    status = (out / "status.txt").read_text()
+    assert "bench_grouped rc=0" in status and "report rc=0" in status, status
+    assert "tests_triton" not in status  # not selected
+    rows = read_csv(out / "results.csv")
+    fused = [r for r in rows if r["op"] == "grouped_lora_linear" and r["provider"] == "fused"]
+    assert len(fused) == 4 and all(r["check_err"] < 1e-5 for r in fused)
+    assert (out / "summary.txt").read_text().startswith("== layer step")
+    assert (out / "table.md").exists() and (out / "folder.txt").read_text().startswith(
+        "benchmarks/results/cpu-dryrun-")
+    log = (out / "gpu_check.log").read_text()
+    assert re.search(r"\[\d\d:\d\d:\d\d \+\d+s\] start bench_grouped", log)
+    proc = _gpu_check({"GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_TIME_PCT": "5",
+                       "GPU_CHECK_STAGES": "bench_grouped report"}, tmp_path / "short")
+    assert proc.returncode == 0
+    status = (tmp_path / "short" / "out" / "status.txt").read_text()
+    assert "bench_grouped rc=124" in status and "TIMED OUT" in status and "report rc=" in status
