@@ -82,10 +82,15 @@ def run(kind, backend, skip_bias_add, **kw):
 
     base = build(kind, skip_bias_add, **kw)
     model = nn.Module()
-    if kind == "linear":  # LoRA would make a LinearAdapter: wrap it as Megatron-Bridge users can
+    if kind in ("linear", "te-dup", "te-raw"):
+        # nn.Linear: LoRA would make a LinearAdapter; a duplicated TE linear: LoRA gives it to
+        # ExpertLoRALinear (bridge.peft.expert_lora_layers). Wrapped as Megatron-Bridge users
+        # can, with plain factors, to test LoRALinear's fused path over them.
         torch.manual_seed(1)
         adapter = ParallelLinearAdapter(K, N, R, activation="identity", alpha=10,
-                                        row_init_method="normal")
+                                        row_init_method="normal",
+                                        model_parallel_config=getattr(base, "config", None),
+                                        base_linear_is_parallel=False)
         model.proj = LoRALinear(base, adapter, kernel_backend=backend)
         base.requires_grad_(False)
     else:

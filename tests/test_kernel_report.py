@@ -129,24 +129,33 @@ def test_other_wrappers_switched_off_merged_and_failing_requests():
                                       input_is_parallel=True, skip_bias_add=False,
                                       is_expert=False)
 
-    model = nn.Module()
-    model.dora, model.off, model.merged, model.req = row(), row(), row(), row()
-    DoRA(target_modules=["dora"], dim=2)(model)
-    LoRA(target_modules=["off", "merged"], dim=2)(model)
-    LoRA(target_modules=["req"], dim=2, kernel_backend="triton")(model)
+    model, dmodel = nn.Module(), nn.Module()
+    model.off, model.merged, model.req, dmodel.dora = row(), row(), row(), row()
+    model.dup = te.TELinear(16, 8, parallel_mode="duplicated", config=cfg,
+                            init_method=nn.init.normal_, bias=False, skip_bias_add=False,
+                            skip_weight_param_allocation=False)
+    DoRA(target_modules=["dora"], dim=2)(dmodel)
+    LoRA(target_modules=["off", "merged", "req", "dup"], dim=2)(model)
+    model.req.kernel_backend = "triton"
     lin = nn.Linear(8, 4).requires_grad_(False)
     model.lin = LoRALinear(lin, LinearAdapter(lin, dim=2), kernel_gemm="cublas")
     model.own = _SelfPlanning(nn.Linear(8, 4), nn.Identity())
     model.off.disable_adapter_layers()
     merge_lora(model.merged)
-    chunks = [model, nn.Sequential()]
+    chunks = [model, dmodel]
     with te.fp8_autocast():
         rows = {r.name: r for r in kernel_report(chunks)}
-    assert set(rows) == {f"chunk0.{n}" for n in ("dora", "off", "merged", "req", "lin", "own")}
+        dup_plan = model.dup.training_plan()  # ExpertLoRALinear's own
+    assert set(rows) == {f"chunk0.{n}" for n in ("off", "merged", "req", "lin", "own", "dup")} | {
+        "chunk1.dora"}
+    r, (plan, source) = rows["chunk0.dup"], dup_plan
+    assert (r.adapter, r.path, r.reason, r.source) == ("LoRA (expert)", "eager", plan.reason,
+                                                       source), r
+    assert "fp8_autocast is active" in r.reason
     r = rows["chunk0.own"]  # a wrapper that plans itself (training_plan), as MultiLoRA does
     assert (r.adapter, r.path, r.backend, r.gemm, r.layout, r.reason, r.source) == (
         "_SelfPlanning", "fused", "cuda", "fused", "column", "cuda, naturally", "planned")
-    r = rows["chunk0.dora"]
+    r = rows["chunk1.dora"]
     assert (r.adapter, r.path) == ("DoRA", "eager") and "DoRA has no fused kernel" in r.reason
     assert (rows["chunk0.off"].path, rows["chunk0.merged"].path) == ("off", "off")
     assert "disable_adapter_layers" in rows["chunk0.off"].reason
@@ -158,7 +167,8 @@ def test_other_wrappers_switched_off_merged_and_failing_requests():
     assert (r.base, r.path, r.backend, r.gemm, r.layout) == ("Linear", "fused", "triton",
                                                               "cublas", "linear")
     summary = kernel_report(chunks).summary()
-    assert summary.startswith("LoRA: 6 modules, 3 fused (2 triton, 1 cuda), 1 eager (DoRA has no ")
+    assert summary.startswith("LoRA: 7 modules, 4 fused (3 triton, 1 cuda), 1 eager (DoRA has no"
+                              ), summary
     assert summary.endswith(", 2 off")
     with pytest.raises(TypeError, match="nn.Module or a list of model chunks"):
         kernel_report("model")

@@ -3,7 +3,8 @@ without sequence parallelism, eager and fused (Triton, interpreted): every case 
 single-process TP=1 eager oracle built from the same seed, for y, the returned bias and the
 gradients of x, A, B (and the norm weights). So fused equals eager equals TP=1 for
 TERowParallelLinear (all-reduce / reduce-scatter), TEColumnParallelLinear (input copied /
-all-gathered), TELayerNormColumnParallelLinear and a duplicated TELinear.
+all-gathered), TELayerNormColumnParallelLinear and a duplicated TELinear (under a LoRALinear
+built directly: LoRA() gives bases without TP communication to ExpertLoRALinear).
 
 The eager LayerNorm-linear cases under SP are the check of TE's dropped gradient: LoRA must not
 ask the layer for its gathered layernorm output (TE 2.11 drops that output's gradient, and with it
@@ -86,7 +87,7 @@ def _build(case: Case, cfg):
 def run_case(case: Case, tp: int, rank: int) -> dict:
     """Base + LoRA from SEED at this TP size; forward and backward on this rank's part of a fixed
     input; this rank's tensors."""
-    from bridge.peft import LoRA
+    from bridge.peft import LoRA, LoRALinear, ParallelLinearAdapter
     from bridge.peft.fused_forward import fused_plan
     from tests.megatron_utils import make_config
 
@@ -106,11 +107,19 @@ def run_case(case: Case, tp: int, rank: int) -> dict:
         if case.kind == "lncol":
             base.layer_norm_weight.copy_(norm_w)
             base.layer_norm_bias.copy_(norm_b)
-    model = nn.Module()
-    model.proj = base
-    LoRA(target_modules=["proj"], dim=case.r, alpha=ALPHA, lora_B_init_method="normal",
-         kernel_backend=case.backend)(model)
-    wrapper = model.proj
+    if case.kind == "dup":  # LoRA() gives it to ExpertLoRALinear: LoRALinear's path here
+        wrapper = LoRALinear(base, ParallelLinearAdapter(
+            case.k, case.n, case.r, activation="identity", alpha=ALPHA, row_init_method="normal",
+            model_parallel_config=cfg, base_linear_is_parallel=False),
+            kernel_backend=case.backend)
+        base.requires_grad_(False)
+    else:
+        model = nn.Module()
+        model.proj = base
+        LoRA(target_modules=["proj"], dim=case.r, alpha=ALPHA, lora_B_init_method="normal",
+             kernel_backend=case.backend)(model)
+        wrapper = model.proj
+    assert type(wrapper) is LoRALinear
     norm = {}
     if case.kind == "lncol":
         # the fix: TE would drop the gradient of a gathered layernorm output (the adapter's dX)

@@ -3,13 +3,13 @@
 ``kernel_report(model)`` lists every adapter wrapper (``LoRALinear``, ``DoRALinear``, canonical
 LoRA's split wrappers, ``LoRATopKRouter``, ...) with its base class, the adapter kind, the path
 (``fused`` with its backend and GEMM strategy, or ``eager``) and the reason for any fallback; a
-wrapper with a ``training_plan()`` method (``(plan, source)``, the plan with ``backend``,
-``kind``, ``gemm``, ``reason``) describes itself. It works before any forward ran: a LoRA
-wrapper's plan (bridge.peft.fused_forward) is the one its last training call made, when nothing
-it depends on has changed since, else one made now for a representative input (a row of the
-base weight's dtype and device), without running a kernel, timing a GEMM or communicating. The GEMM strategy of ``auto`` is read from what the chooser
-(bridge.kernels.gemm_strategy) decided for the module's shapes; before that, the rule it will
-apply.
+wrapper with a ``training_plan()`` method (``(plan, source)``, the plan with ``backend``, ``kind``,
+``gemm``, ``reason``) describes itself. It works before any forward ran: a LoRA wrapper's plan
+(bridge.peft.fused_forward) is the one its last training call made, when nothing it depends on has
+changed since, else one made now for a representative input (a row of the base weight's dtype and
+device), without running a kernel, timing a GEMM or communicating. The GEMM strategy of ``auto`` is
+read from what the chooser (bridge.kernels.gemm_strategy) decided for the module's shapes; before
+that, the rule it will apply.
 
     >>> print(kernel_report(model))          # a table
     >>> kernel_summary(model)                 # 'LoRA: 96 modules, 96 fused (triton), 0 eager'
@@ -27,7 +27,7 @@ from torch import nn
 __all__ = ["KernelReport", "KernelReportRow", "kernel_report", "kernel_summary"]
 
 _ADAPTER_KINDS = {"LoRALinear": "LoRA", "DoRALinear": "DoRA", "LoRATopKRouter": "LoRA (router)",
-                  "MultiLoRALinear": "MultiLoRA",
+                  "MultiLoRALinear": "MultiLoRA", "ExpertLoRALinear": "LoRA (expert)",
                   "LoRALinearSplitQKV": "canonical LoRA (q, k, v)",
                   "LoRALinearSplitFC1UpGate": "canonical LoRA (up, gate)"}
 _NO_FUSED_PATH = {
@@ -168,8 +168,8 @@ def _row(name: str, wrapper: nn.Module) -> KernelReportRow:
                                reason=why, source="")
     from bridge.peft.lora_layers import LoRALinear
 
-    lora = isinstance(wrapper, LoRALinear) and kind not in _NO_FUSED_PATH
-    planner = getattr(wrapper, "training_plan", None)  # other wrappers may plan themselves
+    planner = getattr(wrapper, "training_plan", None)  # wrappers may plan themselves
+    lora = not callable(planner) and isinstance(wrapper, LoRALinear) and kind not in _NO_FUSED_PATH
     if not lora and not callable(planner):
         why = _NO_FUSED_PATH.get(kind, f"{kind} has no fused path")
         return KernelReportRow(**common, path="eager", backend="eager", gemm="", layout="",
