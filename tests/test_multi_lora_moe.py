@@ -201,3 +201,10 @@ def test_expert_slots_keep_the_packed_per_expert_layout_in_checkpoints():
     assert sh.global_shape == (EXPERTS, R_MAX, H) and sh.global_offset == (0, 0, 0)
     keys = set(fc1.state_dict())
     assert {f"adapters.{i}.linear_{f}.weight" for i in range(3) for f in ("in", "out")} <= keys
+    # the rank mask covers every expert; clear re-draws each expert's matrices in place
+    a0 = fc1.adapters[2].linear_in.weight
+    assert torch.count_nonzero(a0[:, 2:]) == 0 and torch.count_nonzero(a0[:, :2]) > 0
+    before = a0.detach().clone()
+    fc1.clear_adapter_slot(2)
+    assert fc1._slot_alpha[2] == 0.0 and torch.count_nonzero(a0[:, 2:]) > 0
+    assert not torch.equal(a0, before) and fc1.stacked_factors()[2] == ""

@@ -9,13 +9,14 @@ slot id through the dispatcher's own recorded permutation (local permute, expert
 all-to-all, local-expert sort) and publishes the resulting (slot, local expert) segmentation to
 the layer's wrapped ``linear_fc1`` / ``linear_fc2``, which share it.
 
-Each slot holds one low-rank pair per local expert (A [E, r, K], B [E, N, r]: the packed
-per-expert layout of upstream's grouped-expert adapter). The base grouped GEMM runs as its module
-(megatron's ``TEGroupedMLP`` linears; the fused multi-adapter op has one frozen weight, not one per
-expert); the slots' term runs eagerly as n·E groups through ``multi_lora_shrink`` /
-``multi_lora_expand`` (two grouped mms, or a loop), scale in fp32. Written against megatron-core's
-``MoEAlltoAllTokenDispatcher`` and ``TEGroupedMLP`` directly (with tests/te_standins.py's grouped
-linears on the CPU); the expert adapters of bridge/peft (issue 12) had not landed.
+Each slot is a ``GroupedExpertLinearAdapter`` (bridge/peft/expert_adapters.py, upstream's
+choice too): one low-rank pair per local expert, A [E, r, K] and B [E, N, r], checkpointed with
+the global expert axis sharded over expert parallelism. The base grouped GEMM runs as its module
+(megatron's ``TEGroupedMLP`` linears; the fused multi-adapter op has one frozen weight, not one
+per expert); the slots' term runs eagerly as n·E (slot, expert) groups through
+``multi_lora_shrink`` / ``multi_lora_expand`` (two grouped mms, or a loop), scale in fp32. Tested
+against megatron-core's ``MoEAlltoAllTokenDispatcher`` and ``TEGroupedMLP`` over
+tests/te_standins.py's grouped linears on the CPU.
 
 Refused as upstream refuses them (each would mis-route tokens silently): expert tensor
 parallelism, fp8/fp4 experts, a dispatcher other than ``alltoall``, ``moe_permute_fusion``,
@@ -33,8 +34,9 @@ from torch import nn
 from bridge.kernels.lora_linear import apply_dropout_mask
 from bridge.kernels.multi_lora_linear import multi_lora_expand, multi_lora_shrink
 from bridge.kernels.philox import draw_seed, dropout_keep_mask
-from bridge.peft.adapter_init import check_adapter_hparams, get_init_fn
+from bridge.peft.adapter_init import get_init_fn
 from bridge.peft.errors import UnsupportedModuleError, UnsupportedOptionError
+from bridge.peft.expert_adapters import GroupedExpertLinearAdapter
 from bridge.peft.multi_lora_layers import MultiLoRALinear, _chunks, _iter_multi_lora_modules
 from bridge.peft.utils import get_adapter_attributes_from_linear
 
@@ -60,70 +62,6 @@ class ExpertSlotRouting:
     slot_token_counts: torch.Tensor
     num_tokens: int
     offsets: torch.Tensor | None = None
-
-
-class _ExpertFactor(nn.Module):
-    """One factor of a slot: ``weight`` [E, out, in] (one matrix per local expert)."""
-
-    def __init__(self, experts: int, out_features: int, in_features: int, dtype, device) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features, dtype=dtype,
-                                               device=device))
-
-
-class ExpertSlotAdapter(nn.Module):
-    """A slot's per-expert LoRA pair: ``linear_in.weight`` A [E, r, K], ``linear_out.weight``
-    B [E, N, r] (upstream's packed per-expert layout), with the attributes single-LoRA consumers
-    read (dim, alpha, scale, dropout, base_linear_name)."""
-
-    activation_name = "identity"
-    _megatron = False
-    is_expert = True
-
-    def __init__(self, in_features: int, out_features: int, dim: int, experts: int, *,
-                 alpha: float, base_linear_name: str, input_is_parallel: bool,
-                 column_init_method: str, row_init_method: str, dropout: float,
-                 dropout_position: str, dtype, device) -> None:
-        super().__init__()
-        check_adapter_hparams(dim, alpha, dropout, dropout_position,
-                              (column_init_method, row_init_method))
-        self.in_features, self.out_features, self.dim, self.alpha = (in_features, out_features,
-                                                                     dim, alpha)
-        self.num_local_experts, self.base_linear_name = experts, base_linear_name
-        self.input_is_parallel = input_is_parallel
-        self.dropout_p, self.dropout_position = float(dropout), dropout_position
-        self.linear_in = _ExpertFactor(experts, dim, in_features, dtype, device)
-        self.linear_out = _ExpertFactor(experts, out_features, dim, dtype, device)
-        self.reset(column_init_method, row_init_method)
-
-    @torch.no_grad()
-    def reset(self, column_init_method: str, row_init_method: str) -> None:
-        a_init, b_init = get_init_fn(column_init_method), get_init_fn(row_init_method)
-        for e in range(self.num_local_experts):  # per expert matrix, so fans are per expert
-            a_init(self.linear_in.weight[e])
-            b_init(self.linear_out.weight[e])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.dim
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        """Both factors, sharded on the expert axis across the expert-parallel group (global
-        expert ``ep_rank * E + e``), replicated across its data-parallel peers."""
-        from megatron.core import parallel_state
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        ep = parallel_state.get_expert_model_parallel_world_size() or 1
-        ep_rank = parallel_state.get_expert_model_parallel_rank() or 0
-        edp = parallel_state.get_expert_data_parallel_rank() or 0
-        prepend = len(sharded_offsets)
-        out = {}
-        for name in ("linear_in", "linear_out"):
-            key = f"{prefix}{name}.weight"
-            out[key] = ShardedTensor.from_rank_offsets(
-                key, getattr(self, name).weight, *sharded_offsets, (prepend, ep_rank, ep),
-                replica_id=(0, 0, edp), prepend_axis_num=prepend)
-        return out
 
 
 def _refuse(option: str, why: str, name: str) -> None:
@@ -169,15 +107,15 @@ class MultiLoRAGroupedExpertLinear(MultiLoRALinear):
         self.disable_sequence_parallel_comm, self.use_a2a = True, False
         self.base_linear_is_parallel = attrs.base_linear_is_parallel
         weight = next(to_wrap.parameters())
-        k, n = _local_sizes(to_wrap, attrs)
         self.adapters = nn.ModuleList([
-            ExpertSlotAdapter(k, n, dim, num_local_experts, alpha=alpha,
-                              base_linear_name=full_name,
-                              input_is_parallel=attrs.input_is_parallel,
-                              column_init_method=column_init_method,
-                              row_init_method=row_init_method, dropout=dropout,
-                              dropout_position=dropout_position, dtype=weight.dtype,
-                              device=weight.device)
+            GroupedExpertLinearAdapter(
+                attrs.in_features, attrs.out_features, dim, num_local_experts=num_local_experts,
+                base_linear_name=full_name, activation="identity",
+                column_init_method=column_init_method, row_init_method=row_init_method,
+                input_is_parallel=attrs.input_is_parallel, dropout=dropout,
+                model_parallel_config=config, alpha=alpha, dropout_position=dropout_position,
+                base_linear_is_parallel=attrs.base_linear_is_parallel,
+                params_device=weight.device, params_dtype=weight.dtype)
             for _ in range(n_adapters)])
         self.expert_slot_routing: ExpertSlotRouting | None = None
         self._init_slot_state(dim, weight)
@@ -222,11 +160,20 @@ class MultiLoRAGroupedExpertLinear(MultiLoRALinear):
             adapter.linear_out.weight[..., rank:].zero_()
 
     def reset_adapter(self, idx: int) -> None:
+        """Re-initialise slot ``idx`` expert by expert (each [rows, cols] matrix drawn whole in
+        fp32, as the adapter's construction does), through megatron's expert RNG tracker."""
         from bridge.peft.multi_lora_slots import _rng_fork
 
         self._check_idx(idx)
-        with _rng_fork(True):
-            self._slot_modules()[idx].reset(self._column_init_method, self._row_init_method)
+        adapter = self._slot_modules()[idx]
+        inits = (get_init_fn(self._column_init_method), get_init_fn(self._row_init_method))
+        with torch.no_grad(), _rng_fork(True):
+            for weight, init in zip((adapter.linear_in.weight, adapter.linear_out.weight), inits,
+                                    strict=True):
+                for e in range(weight.shape[0]):
+                    full = torch.empty(weight.shape[1:], dtype=torch.float32)
+                    init(full)
+                    weight[e].copy_(full.to(device=weight.device, dtype=weight.dtype))
 
     def training_plan(self):
         """(plan, 'planned'): always the module path (the base's grouped GEMM runs as its
@@ -275,7 +222,7 @@ class MultiLoRAGroupedExpertLinear(MultiLoRALinear):
         ranks, _, scales = self.slot_tensors(x2d.device)
         ranks = ranks.repeat_interleave(self.num_local_experts)
         scales = scales.repeat_interleave(self.num_local_experts)
-        p = slots[0].dropout_p if self.training else 0.0
+        p = float(slots[0].dropout_p) if self.training else 0.0
         post = slots[0].dropout_position == "post"
         seed = draw_seed(x2d.device) if p > 0 else None
         if seed is not None and not post:  # the mask follows the dispatched rows' order
@@ -287,14 +234,6 @@ class MultiLoRAGroupedExpertLinear(MultiLoRALinear):
         if seed is not None and post:
             low = apply_dropout_mask(low, dropout_keep_mask(seed, low.shape, p, low.device), p)
         return self.wrap_output(torch.add(out, low.reshape(out.shape)).to(out.dtype), bias)
-
-
-def _local_sizes(base: nn.Module, attrs) -> tuple[int, int]:
-    """(K, N) of one local expert's GEMM as the base stores it (expert TP is 1)."""
-    weight = getattr(base, "weight0", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.shape[1], weight.shape[0]
-    return attrs.in_features, attrs.out_features
 
 
 # ---- slot routing through the token dispatcher ------------------------------------------------
