@@ -102,10 +102,10 @@ def providers_of(op: str) -> list[str]:
 
 
 def ops_and_providers(rows: list[dict]) -> dict[str, list[str]]:
-    """{op: provider labels in display order} of the ops present in ``rows``: the dense ops'
-    order from cases.PROVIDERS, the others in the order their rows came."""
+    """{op: provider labels in display order} of the ops present in ``rows`` (the layer step
+    first): the dense ops' order from cases.PROVIDERS, the others in the order their rows came."""
     present = dict.fromkeys(r["op"] for r in rows)
-    order = [op for op in (*PROVIDERS, *VARIANT_OPS) if op in present]
+    order = [op for op in ("layer", *PROVIDERS, *VARIANT_OPS) if op in present]  # layer first
     order += [op for op in present if op not in order]
     return {op: providers_of(op) if op in PROVIDERS else
             list(dict.fromkeys(row_label(r) for r in rows if r["op"] == op)) for op in order}
