@@ -132,6 +132,10 @@ class LoRA(PEFT, ModuleMatcher):
         self.kernel_backend = validate_backend_name(self.kernel_backend, what="kernel_backend")
         self.kernel_gemm = validate_gemm_strategy(self.kernel_gemm)
 
+    def wrapper_kinds(self, base: nn.Module, full_name: str, pattern: str) -> tuple[type, ...]:
+        """LoRATopKRouter for a MoE router, LoRALinear for any other linear."""
+        return (LoRATopKRouter,) if is_router(base) else (LoRALinear,)
+
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Wrap ``module`` in LoRA if it matches; an already wrapped module is left alone (so the
         transform is idempotent)."""
