@@ -134,7 +134,7 @@ def test_hook_is_registered_once_and_only_where_recompute_is_on(megatron_tp1):
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     assert len(blocks) == 1 and len(blocks[0]._forward_pre_hooks) == 1
     assert maybe_enable_recompute_inputs_grad([model], registry) == {id(model)}
-    LoRA(target_modules=["linear_qkv"], dim=4)(model)  # applying again adds no second hook
+    LoRA(target_modules=["linear_qkv"], dim=4, alpha=8)(model)  # again: no second hook
     assert len(blocks[0]._forward_pre_hooks) == 1
     frozen = tiny_gpt_model(num_layers=1, **RECOMPUTE["full"])
     frozen.requires_grad_(False)  # nothing trains: nothing to hook
