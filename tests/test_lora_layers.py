@@ -327,7 +327,8 @@ def test_old_folded_layout_adapter_only_load(monkeypatch):
         load_adapter_state_dict(model, {"lin.lora_a.weight": old["lora_a.weight"],
                                         "lin.lora_b.weight": old["lora_b.weight"]})
     saved = adapter_state_dict(model)
-    assert sorted(saved) == ["lin.adapter.linear_in.weight", "lin.adapter.linear_out.weight"]
+    assert sorted(saved) == ["lin.adapter._extra_state", "lin.adapter.linear_in.weight",
+                             "lin.adapter.linear_out.weight"]  # the settings, and the factors
     assert torch.equal(saved["lin.adapter.linear_in.weight"], old["lora_a.weight"])
     assert torch.equal(saved["lin.adapter.linear_out.weight"], old["lora_b.weight"])
 

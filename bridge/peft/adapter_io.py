@@ -1,7 +1,16 @@
 """Adapter-only checkpoints: save the adapters of a model, load them into a fresh one, with the
-mismatches (missing keys, unexpected keys, shapes) named in one clear error; and the distributed
-(``dist_checkpointing``) pair, ``save_peft_adapter_checkpoint`` / ``load_peft_adapter_checkpoint``
-(Megatron-Bridge's loader name), which keeps every tensor-parallel shard.
+mismatches (missing keys, unexpected keys, shapes, settings) named in one clear error; and the
+distributed (``dist_checkpointing``) pair, ``save_peft_adapter_checkpoint`` /
+``load_peft_adapter_checkpoint`` (Megatron-Bridge's loader name), which keeps every
+tensor-parallel shard.
+
+``adapter_state_dict`` stores, beside each adapter-wrapped layer's tensors, the settings they
+were trained with (wrapper kind; per adapter module: rank, alpha, dropout, dropout position) as
+``<layer>.adapter._extra_state``: a uint8 tensor of JSON, so the dict still saves with
+``torch.save`` and safetensors, and loaders that skip ``_extra_state`` entries (this package's
+earlier ``load_adapter_state_dict`` did) read it as before. ``load_adapter_state_dict`` compares
+them with the model's: a difference is a warning, or an error with ``strict=True``. State dicts
+without them (written before) load as before.
 
 Adapter state dicts written with the earlier folded ``LinearAdapter`` layout
 (``<linear>.lora_a.weight`` / ``<linear>.lora_b.weight``) load into today's layout
@@ -10,34 +19,85 @@ Adapter state dicts written with the earlier folded ``LinearAdapter`` layout
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["AdapterLoadError", "adapter_state_dict", "is_adapter_key", "load_adapter_state_dict",
-           "load_peft_adapter_checkpoint", "save_peft_adapter_checkpoint"]
+__all__ = ["SETTINGS_KEY", "AdapterLoadError", "adapter_settings", "adapter_state_dict",
+           "is_adapter_key", "load_adapter_state_dict", "load_peft_adapter_checkpoint",
+           "save_peft_adapter_checkpoint"]
+
+SETTINGS_KEY = "adapter._extra_state"  # relative to the wrapped layer
+_SETTINGS_FORMAT = 1
 
 
 class AdapterLoadError(ValueError):
-    """Adapter weights that do not fit the model (the message lists every mismatch)."""
+    """Adapter weights that do not fit the model, or a file that cannot be read (the message
+    lists every mismatch, or names the file)."""
 
 
 def is_adapter_key(key: str) -> bool:
-    """Whether a state-dict key is an adapter tensor (under an ``adapter.`` segment, or a
-    MultiLoRA slot's ``adapters.<i>.``)."""
-    return ".adapter." in key or key.startswith("adapter.") or ".adapters." in key \
-        or key.startswith("adapters.")
+    """Whether a state-dict key is an adapter tensor (under an ``adapter.`` segment)."""
+    return ".adapter." in key or key.startswith("adapter.")
+
+
+def _wrappers(model: nn.Module):
+    from bridge.peft.adapter_wrapper import AdapterWrapper
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterWrapper)]
+
+
+def _key(layer: str, rest: str) -> str:
+    return f"{layer}.{rest}" if layer else rest
+
+
+def adapter_settings(wrapper: nn.Module) -> dict:
+    """What a wrapped layer's adapters compute with: ``{"wrapper": class name, "adapters":
+    {path below .adapter ('' for the adapter itself): {"kind", "dim", "alpha", "dropout",
+    "dropout_position"}}}``, for each adapter module that has a rank and an alpha."""
+    adapters = {}
+    for path, m in wrapper.adapter.named_modules():
+        if isinstance(getattr(m, "dim", None), int) and getattr(m, "alpha", None) is not None:
+            adapters[path] = {"kind": type(m).__name__, "dim": m.dim, "alpha": float(m.alpha),
+                              "dropout": float(getattr(m, "dropout_p", 0.0)),
+                              "dropout_position": getattr(m, "dropout_position", "pre")}
+    return {"format": _SETTINGS_FORMAT, "wrapper": type(wrapper).__name__, "adapters": adapters}
+
+
+def _encode(settings: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(settings, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def _decode(key: str, value: torch.Tensor) -> dict:
+    try:
+        settings = json.loads(bytes(value.detach().cpu().to(torch.uint8).tolist()).decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{key}: the adapter settings entry is not readable ({err}); "
+                               "drop it from the state dict to load the tensors alone") from err
+    if not isinstance(settings, dict) or not isinstance(settings.get("adapters"), dict):
+        raise AdapterLoadError(f"{key}: the adapter settings entry is not a settings record")
+    return settings
 
 
 def adapter_state_dict(model: nn.Module, key_filter: Callable[[str], bool] | None = None) -> dict:
     """The adapter entries of ``model.state_dict()`` (``key_filter`` defaults to
-    :func:`is_adapter_key`; pass ``peft.adapter_key_filter`` to use the transform's own), detached
-    tensors only (megatron's ``_extra_state`` entries are left out)."""
+    :func:`is_adapter_key`; pass ``peft.adapter_key_filter`` to use the transform's own),
+    detached tensors only (megatron's ``_extra_state`` entries are left out), plus the settings
+    of each layer that has entries here (``<layer>.adapter._extra_state``, see the module
+    docstring)."""
     key_filter = key_filter or is_adapter_key
-    return {k: v.detach() for k, v in model.state_dict().items()
-            if key_filter(k) and isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    out = {k: v.detach() for k, v in model.state_dict().items()
+           if key_filter(k) and isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    for name, wrapper in _wrappers(model):
+        prefix = _key(name, "adapter.")
+        settings = adapter_settings(wrapper)
+        if settings["adapters"] and any(k.startswith(prefix) for k in out):
+            out[_key(name, SETTINGS_KEY)] = _encode(settings)
+    return out
 
 
 def _upgrade_legacy_keys(model: nn.Module, given: dict, expected: dict) -> dict:
@@ -62,17 +122,74 @@ def _upgrade_legacy_keys(model: nn.Module, given: dict, expected: dict) -> dict:
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into ``model``; its base weights are left as they are.
+def _settings_mismatches(wrappers: dict, settings: dict[str, dict]) -> list[str]:
+    """'layer[.part]: field X in the checkpoint, Y in the model' for every difference."""
+    out = []
+    for layer, saved in sorted(settings.items()):
+        wrapper = wrappers.get(layer)
+        if wrapper is None:
+            continue
+        now = adapter_settings(wrapper)
+        where = layer or type(wrapper).__name__
+        if saved.get("wrapper") not in (None, now["wrapper"]):
+            out.append(f"{where}: {saved['wrapper']} in the checkpoint, {now['wrapper']} in the "
+                       "model")
+        for path, mine in now["adapters"].items():
+            theirs = saved["adapters"].get(path)
+            if not isinstance(theirs, dict):
+                continue
+            diffs = [f"{field} {theirs[field]!r} in the checkpoint, {mine[field]!r} in the model"
+                     for field in ("dim", "alpha", "dropout", "dropout_position")
+                     if field in theirs and theirs[field] != mine[field]]
+            if diffs:
+                out.append(f"{where}{'.' + path if path else ''}: " + ", ".join(diffs))
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                            strict: bool = False) -> None:
+    """Copy adapter tensors into ``model``; its base weights are left as they are. Everything is
+    checked before anything is copied.
+
+    Args:
+        strict: a difference between the settings the checkpoint records (rank, alpha,
+            dropout, dropout position, wrapper kind) and the model's is an error; by default
+            it is a warning (the tensors load: e.g. a model built with dropout 0 for eval).
 
     Raises:
-        AdapterLoadError: listing the adapter keys the model has but ``state_dict`` lacks, the
-            keys ``state_dict`` has that the model has no adapter for, and each shape mismatch
-            (key, the model's shape, the given shape). Nothing is copied then.
+        AdapterLoadError: a value that is not a tensor; layers that are merged (merge_lora: the
+            base holds the old adapter); the adapter keys the model has but ``state_dict``
+            lacks, the keys ``state_dict`` has that the model has no adapter for, each shape
+            mismatch (key, the model's shape, the given shape); with ``strict``, each settings
+            difference. Nothing is copied then.
     """
+    if not isinstance(state_dict, Mapping):
+        raise AdapterLoadError(f"expected a mapping of key -> tensor, got "
+                               f"{type(state_dict).__name__}")
+    # megatron's own _extra_state entries may be None or bytes: skipped, as before
+    odd = [f"{k}: expected a torch.Tensor, got {type(v).__name__}"
+           for k, v in state_dict.items() if not isinstance(v, torch.Tensor)
+           and (not k.endswith("_extra_state") or k.endswith(SETTINGS_KEY))]
+    if odd:
+        raise AdapterLoadError("cannot load the adapter state dict: " + "; ".join(odd))
+    wrappers = dict(_wrappers(model))
+    settings = {}
+    for key, value in state_dict.items():
+        if key == SETTINGS_KEY or key.endswith("." + SETTINGS_KEY):
+            layer = key[: -len(SETTINGS_KEY)].rstrip(".")
+            if layer in wrappers:
+                settings[layer] = _decode(key, value)
     expected = adapter_state_dict(model)
+    expected = {k: v for k, v in expected.items() if not k.endswith("_extra_state")}
     given = {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}
     given = _upgrade_legacy_keys(model, given, expected)
+    merged = sorted(name for name, m in wrappers.items() if m.__dict__.get("_lora_merged")
+                    and any(k.startswith(_key(name, "adapter.")) for k in given))
+    if merged:
+        raise AdapterLoadError(
+            f"cannot load adapters into merged layers {merged}: their base weights hold the "
+            "current adapters, which a later unmerge_lora would then not remove; unmerge_lora "
+            "first (or load before merging)")
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     shapes = [f"{k}: model {tuple(expected[k].shape)} vs checkpoint {tuple(given[k].shape)}"
@@ -84,8 +201,15 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         problems.append(f"unexpected adapter keys: {unexpected}")
     if shapes:
         problems.append("shape mismatch (wrong rank or layer size?): " + "; ".join(shapes))
+    mismatches = _settings_mismatches(wrappers, settings)
+    if mismatches and strict:
+        problems.append("settings differ (strict=True): " + "; ".join(mismatches))
     if problems:
         raise AdapterLoadError("cannot load the adapter state dict: " + " | ".join(problems))
+    if mismatches:
+        warnings.warn("loading adapters trained with other settings (the outputs will differ "
+                      "from the trained model's where alpha or rank differ; pass strict=True "
+                      "to refuse): " + "; ".join(mismatches), UserWarning, stacklevel=2)
     targets = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for k, v in given.items():

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from bridge.peft.errors import BaseOutputError
+from bridge.peft.errors import BaseOutputError, MergeError
 from bridge.peft.tp import acc
 
-__all__ = ["AdapterSwitch", "AdapterWrapper", "mamba_dim_info"]
+__all__ = ["MERGED_KEY", "AdapterSwitch", "AdapterWrapper", "mamba_dim_info", "release_base"]
+
+# State-dict key (beside the base's keys) present only while the layer is merged: the base
+# weights it is saved with hold the adapter, which a load must not add a second time.
+MERGED_KEY = "lora_merged"
 
 
 def _describe(value: Any) -> str:
@@ -47,7 +52,11 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
     Subclasses (``LoRALinear``, ``DoRALinear``) implement ``forward`` on top of
     :meth:`base_linear_forward`, which normalises the five things a base linear can return.
     The state dict keeps the base's keys where they were (no ``to_wrap.`` segment) and puts the
-    adapter's under ``adapter.``, so a checkpoint of the unwrapped model stays loadable.
+    adapter's under ``adapter.``, so a checkpoint of the unwrapped model stays loadable. A merged
+    layer (``bridge.peft.lora_merge``) adds ``lora_merged`` (a bool tensor) beside them: loaded
+    into an unmerged layer, the adapter is subtracted from the loaded base weight (a warning says
+    so); a load into a merged layer is refused (unmerge it first), and so is a distributed
+    checkpoint of a merged layer (``sharded_state_dict``).
     """
 
     def __init__(self, to_wrap: nn.Module, adapter: nn.Module) -> None:
@@ -62,6 +71,7 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         self._adapter_enabled = True
         self._return_bare_tensor = False
         self._register_load_state_dict_pre_hook(self._remap_base_keys)
+        self.register_load_state_dict_post_hook(_unmerge_after_load)
 
     # ---- forward helpers -------------------------------------------------------------------
     def base_linear_forward(
@@ -167,18 +177,55 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
 
     # ---- state dicts ----------------------------------------------------------------------
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
-        """Base keys at ``prefix`` (no ``to_wrap.``), adapter keys under ``prefix + 'adapter.'``."""
+        """Base keys at ``prefix`` (no ``to_wrap.``), adapter keys under ``prefix + 'adapter.'``;
+        ``prefix + 'lora_merged'`` too while merged."""
         if destination is None:
             destination = {}
         self.to_wrap.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         self.adapter.state_dict(
             destination=destination, prefix=f"{prefix}adapter.", keep_vars=keep_vars
         )
+        if self.__dict__.get("_lora_merged", False):
+            destination[prefix + MERGED_KEY] = torch.tensor(True)
         return destination
 
-    def _remap_base_keys(self, state_dict, prefix, *args) -> None:
-        """Load-time inverse of :meth:`state_dict`: base keys move under ``to_wrap.``."""
-        for key in [k for k in state_dict if k.startswith(prefix)]:
+    def unmerge_on_load_problem(self) -> str | None:
+        """Why a state dict saved merged cannot be unmerged into this layer on load (None: it
+        can: the adapter's delta is recomputed from the loaded adapter and subtracted)."""
+        return None
+
+    def _remap_base_keys(self, state_dict, prefix, local_metadata=None, strict=True,
+                         missing_keys=None, unexpected_keys=None, error_msgs=None) -> None:
+        """Load-time inverse of :meth:`state_dict`: base keys move under ``to_wrap.``; a merged
+        state dict is marked for unmerging after the load (``_unmerge_after_load``); nothing
+        is copied into a merged layer (the refusal goes to ``error_msgs``, so load_state_dict
+        raises it, naming every merged layer)."""
+        name = prefix[:-1] or type(self).__name__
+        saved_merged = state_dict.pop(prefix + MERGED_KEY, None)
+        mine = [k for k in state_dict if k.startswith(prefix)]
+        problem = None
+        if self.__dict__.get("_lora_merged", False) and mine:
+            problem = (f"{name} is merged (merge_lora): loading into it would leave its base "
+                       "weight holding the old adapter; unmerge_lora it first, or load before "
+                       "merging")
+        elif saved_merged is not None and bool(saved_merged):
+            problem = self.unmerge_on_load_problem()
+            if problem is None and not ({f"{prefix}weight", f"{prefix}to_wrap.weight"}
+                                        & set(mine) and any(".adapter." in f".{k}" for k in mine)):
+                problem = ("saved merged, but the state dict lacks its base weight or its "
+                           "adapter, so the adapter cannot be subtracted from the base")
+            if problem is None:
+                self.__dict__["_unmerge_after_load"] = name
+            else:
+                problem = f"{name}: {problem}"
+        if problem is not None:
+            for key in mine:
+                del state_dict[key]
+            if error_msgs is None:
+                raise MergeError(problem)
+            error_msgs.append(problem)
+            return
+        for key in mine:
             rest = key[len(prefix):]
             upgraded = self._upgrade_key(rest)
             if upgraded is not None:
@@ -196,6 +243,9 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The base's and the adapter's sharded state dicts (adapter under ``prefix + 'adapter.'``).
 
+        Refused while the layer is merged (MergeError): a distributed checkpoint holds no merged
+        state, so its merged base weights would load as plain ones and count the adapter twice.
+
         ``metadata`` reaches both exactly as the caller passed it (the same object, or None;
         never modified: megatron's model-level ``sharded_state_dict`` fills in its
         ``dp_cp_group``; this package's adapters look it up themselves when it is absent). A
@@ -204,6 +254,12 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         adapter of a Mamba ``mixer.in_proj`` also gets ``mamba_dim_info`` (the local sizes of
         in_proj's z, x, B, C, dt blocks), so its B is saved block by block like in_proj itself.
         """
+        if self.__dict__.get("_lora_merged", False):
+            raise MergeError(
+                f"{prefix.rstrip('.') or type(self).__name__} is merged (merge_lora): a "
+                "distributed checkpoint of it would hold the adapter twice (in the base weight "
+                "and beside it); unmerge_lora before saving or loading, or merge_and_unload to "
+                "save the merged model without adapters")
         out = {}
         out.update(_module_sharded_state_dict(self.to_wrap, prefix, sharded_offsets, metadata))
         extra = {}
@@ -213,6 +269,31 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         out.update(_module_sharded_state_dict(self.adapter, f"{prefix}adapter.", sharded_offsets,
                                               metadata, **extra))
         return out
+
+
+def _unmerge_after_load(module: AdapterWrapper, incompatible_keys) -> None:
+    """Post-load hook: subtract the (loaded) adapter from a base weight loaded merged."""
+    name = module.__dict__.pop("_unmerge_after_load", None)
+    if name is None:
+        return
+    weight = module.to_wrap.weight
+    with torch.no_grad():
+        weight.copy_(module.unmerged_weight(weight))
+    warnings.warn(
+        f"{name}: the state dict was saved merged (merge_lora); the adapter was subtracted from "
+        "its base weight on load (this layer is unmerged, adapter on; the base is exact within "
+        "the merged weight's rounding). To keep merged weights bit for bit, save after "
+        "merge_and_unload.", UserWarning, stacklevel=2)
+
+
+def release_base(wrapper: AdapterWrapper) -> nn.Module:
+    """The wrapper's base, as it is without the adapter: a norm-fused base that LoRA asked for
+    its norm output returns what its model expects again."""
+    base = wrapper.to_wrap
+    for attr in ("return_layernorm_output", "return_layernorm_output_gathered"):
+        if hasattr(base, attr):
+            setattr(base, attr, False)
+    return base
 
 
 def mamba_dim_info(in_proj: nn.Module) -> dict[str, int]:

@@ -61,6 +61,9 @@ class DoRA(PEFT, ModuleMatcher):
                               (self.lora_A_init_method, self.lora_B_init_method))
         check_lora_dtype(self.lora_dtype)
 
+    def wrapper_kinds(self, base: nn.Module, full_name: str, pattern: str) -> tuple[type, ...]:
+        return (DoRALinear,)
+
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Wrap ``module`` in DoRA if it matches (idempotent: wrapped modules are left alone)."""
         ans = self.match(module, name, prefix)

@@ -160,6 +160,13 @@ class DoRALinear(AdapterWrapper):
             m = acc(self.adapter.weight_magnitude).to(merged.dtype)
             return merged * (norm / m).unsqueeze(1) - self.adapter.delta_weight().to(merged.dtype)
 
+    def unmerge_on_load_problem(self) -> str | None:
+        """A merged DoRA layer's rows were rescaled by m / n with n = ||W0 + s·B@A|| of the
+        weights before the merge; its state dict does not hold n, so W0 cannot be recovered."""
+        return ("a merged DoRA state dict cannot be unmerged on load (the row norms it was "
+                "merged with are not saved); save DoRA models unmerged, or after "
+                "merge_and_unload for the merged weights alone")
+
     # ---- forward ---------------------------------------------------------------------------
     def _bias_in_output(self, returned_bias: torch.Tensor | None) -> torch.Tensor | None:
         """The bias the base already added to its output (None if it returned it separately)."""

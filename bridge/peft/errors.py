@@ -9,7 +9,7 @@ the message says what to do.
 
 from __future__ import annotations
 
-__all__ = ["BaseOutputError", "PEFTConfigError", "UnsupportedModuleError",
+__all__ = ["BaseOutputError", "MergeError", "PEFTConfigError", "UnsupportedModuleError",
            "UnsupportedOptionError"]
 
 
@@ -28,3 +28,8 @@ class UnsupportedOptionError(ValueError, NotImplementedError):
 
 class BaseOutputError(TypeError, AssertionError):
     """A wrapped base returned something no linear returns (Megatron-Bridge asserts)."""
+
+
+class MergeError(RuntimeError):
+    """A merge or unmerge that cannot be done (already merged, not merged, unsupported layer),
+    or a save or load that a merged layer would get wrong (``bridge.peft.lora_merge``)."""

@@ -16,9 +16,21 @@ LoRA its parts' deltas in the fused layer's row layout, DoRA rescales rows by m 
 alone, whose weight now holds the adapter); ``unmerge_lora`` switches it back on;
 ``merge_and_unload`` returns the model without wrappers.
 
-The merged state lives on the module (``_lora_merged``), not in its state dict: a checkpoint of
-a merged model holds merged base weights *and* the adapters, so load it into a model that is
-merged too (or save after :func:`merge_and_unload`).
+Exact unmerge: merging rounds W + delta to W's dtype, which loses low bits of W wherever the
+delta is larger than W's last bits (bf16 and fp32 alike), so no arithmetic recovers W from the
+merged weight. ``merge_lora`` therefore keeps a copy of each base weight shard it overwrites
+(``keep_base='cpu'``, the default: host memory the size of the merged weights; ``'device'``:
+on the weight's device, faster, the same memory there) and ``unmerge_lora`` copies it back: the
+identity, bit for bit, whatever the adapter did in between (an optimizer step, a load), and the
+adapter keeps its new values. With ``keep_base=None`` nothing is kept: ``unmerge_lora`` subtracts
+the delta recomputed from the adapter (W within the merged weight's rounding) and refuses when
+the adapter changed since the merge (the delta would not be the one added). Either way it refuses
+when the merged base weight itself was changed in place (its version counter moved), which
+unmerging would discard.
+
+The merged state lives on the module (``_lora_merged``) and in its state dict (``lora_merged``,
+see ``AdapterWrapper``): a merged state dict loaded into an unmerged model is unmerged on load,
+and loads into merged layers are refused, so the adapter is never counted twice.
 """
 
 from __future__ import annotations
@@ -27,15 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bridge.peft.adapter_wrapper import AdapterWrapper
+from bridge.peft.adapter_wrapper import AdapterWrapper, release_base
+from bridge.peft.errors import MergeError
 from bridge.peft.tp import group_size
 from bridge.peft.walk_utils import map_modules
 
 __all__ = ["LoRAMerge", "MergeError", "merge_and_unload", "merge_lora", "unmerge_lora"]
-
-
-class MergeError(RuntimeError):
-    """A merge or unmerge that cannot be done (already merged, not merged, unsupported layer)."""
 
 
 def _gather_dim0(t: torch.Tensor, group, size: int) -> torch.Tensor:
@@ -114,13 +123,37 @@ class LoRAMerge:
 
 
 # ---- per-module merge --------------------------------------------------------------------------
+KEEP_BASE = ("cpu", "device", None)
+# what a merge remembers on the wrapper (plain attributes: never in its state dict)
+_MERGE_STATE = ("_merge_kept_base", "_merge_fingerprint", "_merge_weight_version",
+                "_dora_merge_norm", "_enabled_before_merge")
+
+
 def _check_shape(name: str, weight: torch.Tensor, new: torch.Tensor) -> None:
     if weight.shape != new.shape:
         raise MergeError(f"cannot merge {name}: the merged weight has shape {tuple(new.shape)} "
                          f"but the base weight shard has shape {tuple(weight.shape)}")
 
 
-def _merge_one(module: AdapterWrapper, name: str) -> None:
+def _fingerprint(module: AdapterWrapper) -> tuple[dict[str, torch.Tensor], tuple]:
+    """A copy of what the adapter's delta is computed from: its tensors (low rank: cheap) and
+    the scales of its adapter modules."""
+    tensors = {k: v.detach().clone() for k, v in module.adapter.state_dict(keep_vars=True).items()
+               if isinstance(v, torch.Tensor)}
+    scales = tuple((n, getattr(m, "scale", None)) for n, m in module.adapter.named_modules()
+                   if hasattr(m, "scale"))
+    return tensors, scales
+
+
+def _changed(module: AdapterWrapper, fingerprint) -> bool:
+    tensors, scales = _fingerprint(module)
+    old_tensors, old_scales = fingerprint
+    return scales != old_scales or tensors.keys() != old_tensors.keys() or any(
+        not torch.equal(tensors[k], old_tensors[k]) for k in tensors)
+
+
+def _merge_one(module: AdapterWrapper, name: str, *, keep_base: str | None = "cpu",
+               remember: bool = True) -> None:
     if getattr(module, "_lora_merged", False):
         raise MergeError(f"{name or type(module).__name__} is already merged; "
                          "unmerge_lora it first")
@@ -131,20 +164,56 @@ def _merge_one(module: AdapterWrapper, name: str) -> None:
         except ValueError as err:  # the wrapper names the shapes that do not fit
             raise MergeError(f"cannot merge {name}: {err}") from err
         _check_shape(name, weight, new)
+        kept = None
+        if remember and keep_base == "cpu":
+            kept = weight.detach().to("cpu", copy=True)
+        elif remember and keep_base == "device":
+            kept = weight.detach().clone()
         weight.copy_(new)
+    state = module.__dict__
+    if kept is not None:
+        state["_merge_kept_base"] = kept
+        state.pop("_dora_merge_norm", None)  # the kept base makes DoRA's inverse unnecessary
+    elif remember:
+        state["_merge_fingerprint"] = _fingerprint(module)
+    state["_merge_weight_version"] = weight._version
     module._lora_merged = True
     module._enabled_before_merge = module.adapter_enabled
     module.disable_adapter_layers()
 
 
-def _unmerge_one(module: AdapterWrapper, name: str) -> None:
-    if not getattr(module, "_lora_merged", False):
-        raise MergeError(f"{name or type(module).__name__} is not merged; nothing to unmerge")
+def _unmerge_problem(module: AdapterWrapper, name: str) -> str | None:
+    """Why unmerging ``module`` now would lose data (None: it is safe)."""
+    state = module.__dict__
     weight = module.to_wrap.weight
+    version = state.get("_merge_weight_version")
+    if version is not None and weight._version != version:
+        return (f"{name}: its merged base weight was changed in place after merge_lora; "
+                "unmerging would discard that change (merge_and_unload keeps the weights as "
+                "they are)")
+    fingerprint = state.get("_merge_fingerprint")
+    if state.get("_merge_kept_base") is None and fingerprint is not None \
+            and _changed(module, fingerprint):
+        return (f"{name}: its adapter changed since merge_lora (an optimizer step, a load?), "
+                "and merge_lora(keep_base=None) kept no copy of the base: subtracting the new "
+                "delta would corrupt the base weight. Restore the adapter's values from the "
+                "merge, or merge with keep_base='cpu' (the default) to unmerge exactly")
+    return None
+
+
+def _unmerge_one(module: AdapterWrapper, name: str) -> None:
+    weight = module.to_wrap.weight
+    kept = module.__dict__.get("_merge_kept_base")
     with torch.no_grad():
-        weight.copy_(module.unmerged_weight(weight))
+        if kept is not None:
+            weight.copy_(kept)
+        else:
+            weight.copy_(module.unmerged_weight(weight))
+    enabled = module.__dict__.get("_enabled_before_merge", True)
+    for attr in _MERGE_STATE:
+        module.__dict__.pop(attr, None)
     module._lora_merged = False
-    if module.__dict__.pop("_enabled_before_merge", True):
+    if enabled:
         module.enable_adapter_layers()
 
 
@@ -163,16 +232,25 @@ def _refuse_disabled(wrappers: list) -> None:
                          "would change the model's outputs: enable_adapter_layers() them first")
 
 
-def merge_lora(module: nn.Module) -> nn.Module:
+def merge_lora(module: nn.Module, *, keep_base: str | None = "cpu") -> nn.Module:
     """Merge every adapter below (or at) ``module`` into its base weight, in place.
 
     Each wrapper then runs the base alone. Collective under tensor parallelism: every rank of the
     TP group must call it.
 
+    Args:
+        keep_base: where to keep a copy of each base weight shard for an exact
+            :func:`unmerge_lora`: 'cpu' (default; host memory the size of the merged weights),
+            'device' (beside the weight), or None (no copy: unmerge recomputes the delta, within
+            rounding, and refuses once the adapter changed).
+
     Raises:
         MergeError: a layer is already merged or its adapter is switched off (named), or its
             merged weight does not match the weight's shape.
+        ValueError: an unknown ``keep_base``.
     """
+    if keep_base not in KEEP_BASE:
+        raise ValueError(f"keep_base must be 'cpu', 'device' or None, got {keep_base!r}")
     wrappers = list(_wrappers(module))
     if not wrappers:
         raise MergeError(f"no LoRA/DoRA adapters found in {type(module).__name__}")
@@ -181,20 +259,28 @@ def merge_lora(module: nn.Module) -> nn.Module:
         raise MergeError(f"already merged (unmerge_lora first): {merged}")
     _refuse_disabled(wrappers)
     for name, m in wrappers:
-        _merge_one(m, name)
+        _merge_one(m, name, keep_base=keep_base)
     return module
 
 
 def unmerge_lora(module: nn.Module) -> nn.Module:
-    """Subtract each merged adapter from its base weight again and switch the adapter back on.
+    """Restore each merged layer's base weight and switch its adapter back on: the base
+    weights merge_lora kept, bit for bit (or, after ``keep_base=None``, the merged weight less
+    the recomputed delta). Every layer is checked before any is changed.
 
     Raises:
-        MergeError: a layer below ``module`` is not merged (named).
+        MergeError: a layer below ``module`` is not merged, or unmerging it would lose data
+            (its merged base weight was changed in place; its adapter changed and no base was
+            kept); each is named.
     """
     wrappers = list(_wrappers(module))
     not_merged = [name for name, m in wrappers if not getattr(m, "_lora_merged", False)]
     if not wrappers or not_merged:
         raise MergeError(f"not merged, nothing to unmerge: {not_merged or type(module).__name__}")
+    problems = [p for p in (_unmerge_problem(m, name or type(m).__name__) for name, m in wrappers)
+                if p is not None]
+    if problems:
+        raise MergeError("cannot unmerge: " + " | ".join(problems))
     for name, m in wrappers:
         _unmerge_one(m, name)
     return module
@@ -202,14 +288,12 @@ def unmerge_lora(module: nn.Module) -> nn.Module:
 
 def _unwrap(m: AdapterWrapper, name: str = "") -> nn.Module:
     if not getattr(m, "_lora_merged", False):
-        _merge_one(m, name)
-    base = m.to_wrap
+        _merge_one(m, name, keep_base=None, remember=False)
+    for attr in _MERGE_STATE:  # the wrapper goes: nothing to unmerge any more
+        m.__dict__.pop(attr, None)
     # LoRA made norm-fused bases return their norm output for the adapter; the bare base must
     # return what its model expects again.
-    for attr in ("return_layernorm_output", "return_layernorm_output_gathered"):
-        if hasattr(base, attr):
-            setattr(base, attr, False)
-    return base
+    return release_base(m)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
