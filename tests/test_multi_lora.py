@@ -267,3 +267,17 @@ def test_fused_gpt_equals_eager_gpt_and_the_report_says_which_ran():
     assert rows["decoder.layers.0.mlp.linear_fc2"].layout == "row"
     eager_row = {r.name: r for r in kernel_report(eager)}["decoder.layers.0.mlp.linear_fc1"]
     assert (eager_row.path, eager_row.reason) == ("eager", "requested by argument")
+
+
+def test_a_second_application_keeps_the_slots_or_refuses_by_name():
+    model, _ = gpt_with_slots()
+    layers = multi_layers(model)
+    MultiLoRA(n_adapters=SLOTS, dim=R_MAX, alpha=16, kernel_backend="triton", dropout=0.1)(model)
+    assert multi_layers(model) == layers  # kept: kernel settings and dropout follow
+    assert all(m.kernel_backend == "triton" and m.adapters[2].dropout_p == 0.1 for m in layers)
+    with pytest.raises(PEFTConfigError, match=r"has MultiLoRALinear\(n_adapters=3, dim=8, "
+                                              r"alpha=16.*makes MultiLoRALinear\(n_adapters=2"):
+        MultiLoRA(n_adapters=2, dim=R_MAX, alpha=16)(model)
+    MultiLoRA(n_adapters=2, dim=4, alpha=16)(model, replace=True)
+    assert all((m.n_adapters, m.max_rank) == (2, 4) for m in multi_layers(model))
+    assert not set(layers) & set(multi_layers(model))

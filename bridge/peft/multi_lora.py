@@ -21,12 +21,7 @@ from bridge.peft.multi_lora_layers import (
     MultiLoRALinear,
     install_moe_slot_routing,
 )
-from bridge.peft.utils import (
-    is_expert_linear,
-    is_grouped_expert_linear,
-    is_linear_like,
-    is_router,
-)
+from bridge.peft.utils import is_expert_linear, is_grouped_expert_linear, is_linear_like
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +30,25 @@ __all__ = ["MultiLoRA"]
 # The "sequential expert linears are skipped" warning fires once per process (upstream's flag).
 _EXPERT_SKIP_WARNED = False
 _UNSUPPORTED_MOE = ("normalize_moe_lora", "share_expert_adapters", "experts_shared_outer_loras")
+
+
+def _topk_router() -> type | None:
+    """megatron-core's TopKRouter (None without megatron), imported on first use and kept as
+    this module's name ``TopKRouter`` (upstream's), so importing bridge.peft stays light."""
+    g = globals()
+    if "TopKRouter" not in g:
+        try:
+            from megatron.core.transformer.moe.router import TopKRouter
+        except ImportError:  # megatron-core is optional
+            TopKRouter = None  # noqa: N806
+        g.setdefault("TopKRouter", TopKRouter)
+    return g["TopKRouter"]
+
+
+def __getattr__(name: str):
+    if name == "TopKRouter":
+        return _topk_router()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -88,8 +102,9 @@ class MultiLoRA(PEFT, ModuleMatcher):
         self.kernel_backend = validate_backend_name(self.kernel_backend, what="kernel_backend")
         self.kernel_gemm = validate_gemm_strategy(self.kernel_gemm)
 
-    def __call__(self, model, training: bool = True):
-        """Apply the slots, then install the MoE slot routing of wrapped grouped experts.
+    def __call__(self, model, training: bool = True, *, replace: bool = False):
+        """Apply the slots, then install the MoE slot routing of wrapped grouped experts
+        (``replace``: as ``PEFT.__call__``).
 
         Raises:
             UnsupportedOptionError: (a NotImplementedError and ValueError) an MoE expert option
@@ -101,7 +116,7 @@ class MultiLoRA(PEFT, ModuleMatcher):
                     f"MultiLoRA does not support {name}=True: every adapter slot shares one "
                     "max-rank buffer with the per-expert layout (an expert-specific rank or a "
                     f"shared expert adapter would break it); set {name}=False")
-        model = super().__call__(model, training=training)
+        model = super().__call__(model, training=training, replace=replace)
         hooked = install_moe_slot_routing(model)
         if hooked:
             logger.info("Installed multi-LoRA MoE slot routing on %d MoE layer(s)", hooked)
@@ -137,7 +152,8 @@ class MultiLoRA(PEFT, ModuleMatcher):
                         full_name)
             return MultiLoRAGroupedExpertLinear(to_wrap=module, num_local_experts=module.num_gemms,
                                                 **common)
-        if is_router(module):
+        router = _topk_router()
+        if router is not None and isinstance(module, router):
             return module
         logger.info("Adding multi-LoRA (%d adapters) to %s", self.n_adapters, full_name)
         return MultiLoRALinear(to_wrap=module, a2a_experimental=self.a2a_experimental,
@@ -153,3 +169,48 @@ class MultiLoRA(PEFT, ModuleMatcher):
         key = str(key)
         return ".adapters." in key or ".weight_A." in key or ".weight_B." in key \
             or super().adapter_key_filter(key)
+
+    # ---- a second application (bridge/peft/base.py's protocol, for multi-slot layers) ---------
+    def wrapped_mismatch(self, wrapper: nn.Module, match) -> str | None:
+        """How an existing wrapper differs from the MultiLoRALinear this transform would make
+        (kind, slots, max rank, alpha, lora_dtype when given), or None when it is the same."""
+        if not isinstance(wrapper, MultiLoRALinear):
+            return (f"has {type(wrapper).__name__}, {type(self).__name__} here makes "
+                    "MultiLoRALinear")
+        slot = wrapper._slot_modules()[0]
+        dtype = slot.linear_in.weight.dtype
+        have = (f"{type(wrapper).__name__}(n_adapters={wrapper.n_adapters}, "
+                f"dim={wrapper.max_rank}, alpha={float(slot.alpha):g}, dtype={dtype})")
+        want = (f"MultiLoRALinear(n_adapters={self.n_adapters}, dim={self.dim}, "
+                f"alpha={float(self.alpha):g}"
+                + (f", dtype={self.lora_dtype})" if self.lora_dtype is not None else ")"))
+        same = (wrapper.n_adapters, wrapper.max_rank, float(slot.alpha)) == \
+            (self.n_adapters, self.dim, float(self.alpha)) and \
+            (self.lora_dtype is None or dtype == self.lora_dtype)
+        return None if same else f"has {have}, {type(self).__name__} here makes {want}"
+
+    def _update_runtime_settings(self, wrapper: nn.Module) -> None:
+        """A kept MultiLoRALinear's kernel settings and its slots' dropout follow this
+        transform (no weights involved)."""
+        if not isinstance(wrapper, MultiLoRALinear) or "adapters" not in wrapper._modules:
+            return
+        from bridge.peft.multi_lora_forward import forget_multi_lora_plan
+        from bridge.peft.multi_lora_moe import MultiLoRAGroupedExpertLinear as Grouped
+
+        changed = []
+        if not isinstance(wrapper, Grouped):  # the grouped layer always runs eager
+            for attr in ("kernel_backend", "kernel_gemm"):
+                if getattr(wrapper, attr) != getattr(self, attr):
+                    setattr(wrapper, attr, getattr(self, attr))
+                    changed.append(f"{attr}={getattr(self, attr)!r}")
+        for slot in wrapper.adapters:
+            if slot.dropout_p != float(self.dropout):
+                slot.dropout_p = float(self.dropout)
+                changed.append(f"dropout={float(self.dropout)}")
+            if slot.dropout_position != self.dropout_position:
+                slot.dropout_position = self.dropout_position
+                changed.append(f"dropout_position={self.dropout_position!r}")
+        if changed:
+            forget_multi_lora_plan(wrapper)
+            logger.info("%s: %s kept, now %s", type(self).__name__, type(wrapper).__name__,
+                        ", ".join(sorted(set(changed))))

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bridge.kernels.backend import validate_backend_name
-from bridge.peft.adapter_init import check_adapter_hparams, check_lora_dtype
+from bridge.peft.adapter_init import check_adapter_hparams, check_lora_dtype, get_init_fn
 from bridge.peft.adapter_io import AdapterLoadError
 from bridge.peft.adapter_wrapper import AdapterWrapper, _module_sharded_state_dict, mamba_dim_info
 from bridge.peft.errors import PEFTConfigError
@@ -212,9 +212,9 @@ class MultiLoRALinear(AdapterWrapper):
             hit = self._slot_device[device] = (ranks, alphas, alphas / ranks.to(torch.float32))
         return hit
 
-    def slot_rows(self, rows: int, device: torch.device, group=None):
-        """(counts, offsets, counts tensor) of the ``rows`` this call's op sees: the whole
-        micro-batch, or this rank's sequence-parallel window of it (``group``'s rank)."""
+    def slot_tokens(self) -> SlotTokens:
+        """This micro-batch's tokens per slot (``set_tokens_per_adapter_slot``'s, or read now
+        from ``tokens_per_adapter`` when it was set directly: one host sync)."""
         tokens = self.tokens_per_adapter
         if tokens is None:
             raise RuntimeError(
@@ -227,6 +227,12 @@ class MultiLoRALinear(AdapterWrapper):
         if len(st.counts) != self.n_adapters:
             raise ValueError(f"{self.base_linear_name}: tokens for {len(st.counts)} slots, the "
                              f"layer has {self.n_adapters}")
+        return st
+
+    def slot_rows(self, rows: int, device: torch.device, group=None):
+        """(counts, offsets, counts tensor) of the ``rows`` this call's op sees: the whole
+        micro-batch, or this rank's sequence-parallel window of it (``group``'s rank)."""
+        st = self.slot_tokens()
         if rows == st.total:
             return st.window(0, rows, device)
         group = group if group is not None else default_tp_group()
@@ -251,8 +257,7 @@ class MultiLoRALinear(AdapterWrapper):
         megatron's model-parallel RNG tracker (data-parallel replicas stay equal)."""
         self._check_idx(idx)
         adapter = self._slot_modules()[idx]
-        col = ParallelLinearAdapter._get_init_fn(self._column_init_method)
-        row = ParallelLinearAdapter._get_init_fn(self._row_init_method)
+        col, row = get_init_fn(self._column_init_method), get_init_fn(self._row_init_method)
         with torch.no_grad(), _rng_fork(self._expert_rng):
             col(adapter.linear_in.weight.data)
             row(adapter.linear_out.weight.data)
@@ -457,6 +462,15 @@ def load_adapter(model, idx: int, state_dict: Mapping[str, torch.Tensor]) -> int
     return len(params)
 
 
+def _slot_values(m: MultiLoRALinear, idx: int) -> tuple[int, float]:
+    """(rank, alpha) of slot ``idx``: the layer's host values (its bookkeeping buffers for a
+    layer built without them)."""
+    if hasattr(m, "_slot_rank"):
+        m._check_idx(idx)
+        return m._slot_rank[idx], m._slot_alpha[idx]
+    return int(m.rank_values[idx]), float(m.alpha_values[idx])
+
+
 @contextlib.contextmanager
 def expose_adapter_slot(model, idx: int):
     """Inside the block every multi-LoRA layer shows slot ``idx`` as a regular ``.adapter``
@@ -471,12 +485,13 @@ def expose_adapter_slot(model, idx: int):
         for m in modules:
             if "adapters" not in m._modules:
                 continue
-            m._check_idx(idx)
-            m._apply_rank_mask(idx)
+            rank, alpha = _slot_values(m, idx)
+            if hasattr(m, "_slot_rank"):
+                m._apply_rank_mask(idx)
             slots = m._modules.pop("adapters")
             adapter = slots[idx]
             saved.append((m, slots, adapter, adapter.alpha))
-            adapter.alpha = m._slot_alpha[idx] * m.max_rank / m._slot_rank[idx]
+            adapter.alpha = alpha * m.max_rank / rank
             m.adapter = adapter
         yield model
     finally:
@@ -501,7 +516,8 @@ def hide_adapters(model):
             m._modules["adapters"] = slots
 
 
-_MOE_NAMES = ("ExpertSlotRouting", "MultiLoRAGroupedExpertLinear", "install_moe_slot_routing")
+_MOE_NAMES = ("ExpertSlotRouting", "MultiLoRAGroupedExpertLinear", "install_moe_slot_routing",
+              "_build_expert_slot_routing", "_co_permute_slot_ids")
 
 
 def __getattr__(name: str):

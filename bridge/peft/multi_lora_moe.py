@@ -38,6 +38,7 @@ from bridge.peft.adapter_init import get_init_fn
 from bridge.peft.errors import UnsupportedModuleError, UnsupportedOptionError
 from bridge.peft.expert_adapters import GroupedExpertLinearAdapter
 from bridge.peft.multi_lora_layers import MultiLoRALinear, _chunks, _iter_multi_lora_modules
+from bridge.peft.multi_lora_slots import SlotTokens
 from bridge.peft.utils import get_adapter_attributes_from_linear
 
 __all__ = ["ExpertSlotRouting", "MultiLoRAGroupedExpertLinear", "install_moe_slot_routing"]
@@ -270,33 +271,50 @@ def _co_permute_slot_ids(dispatcher, slot_ids: torch.Tensor, num_local_experts: 
     return slot_ids
 
 
-def build_expert_slot_routing(dispatcher, tokens_per_expert, layer: MultiLoRAGroupedExpertLinear,
-                              device: torch.device) -> ExpertSlotRouting:
-    """The (slot, local expert) segmentation of one MoE layer's dispatched rows, from the
-    micro-batch's tokens per slot (narrowed to this rank's sequence-parallel window)."""
+def _build_expert_slot_routing(dispatcher, tokens_per_expert, tokens_per_adapter,
+                               n_adapters: int, num_local_experts: int,
+                               device: torch.device) -> ExpertSlotRouting:
+    """The (slot, local expert) segmentation of one MoE layer's dispatched rows (upstream's
+    signature). ``tokens_per_adapter`` counts the whole micro-batch (a tensor, or the layers'
+    ``SlotTokens``, whose host counts need no sync); the MoE input may be this rank's
+    sequence-parallel shard of it, contiguous in the same flattened order, so its slot ids are
+    the TP rank's window.
+
+    Raises:
+        RuntimeError: the counts cover neither the local tokens nor their TP multiple.
+    """
     from megatron.core import parallel_state
 
+    tokens = tokens_per_adapter if isinstance(tokens_per_adapter, SlotTokens) else \
+        SlotTokens(tokens_per_adapter, n_adapters)
     local = int(dispatcher.hidden_shape_before_permute[0])
-    counts, _, counts_t = layer.slot_rows(local, device,
-                                          parallel_state.get_tensor_model_parallel_group(
-                                              check_initialized=False))
-    n, experts = layer.n_adapters, layer.num_local_experts
-    slot_ids = torch.repeat_interleave(torch.arange(n, device=device, dtype=torch.int32),
+    start = 0
+    if tokens.total != local:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tokens.total != local * tp:
+            raise RuntimeError(
+                f"Cannot map {tokens.total} adapter-slot token ids onto {local} local MoE tokens "
+                f"with tensor_model_parallel_size={tp}; pass this micro-batch's counts to "
+                "set_tokens_per_adapter_slot()")
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+    _, _, counts_t = tokens.window(start, local, device)
+    slot_ids = torch.repeat_interleave(torch.arange(n_adapters, device=device, dtype=torch.int32),
                                        counts_t.to(torch.int64), output_size=local)
-    slot_ids = _co_permute_slot_ids(dispatcher, slot_ids, experts)
+    slot_ids = _co_permute_slot_ids(dispatcher, slot_ids, num_local_experts)
     per_expert = tokens_per_expert.to(device=device, dtype=torch.long) \
         if isinstance(tokens_per_expert, torch.Tensor) else \
         torch.tensor(list(tokens_per_expert), device=device, dtype=torch.long)
-    expert_ids = torch.repeat_interleave(torch.arange(experts, device=device), per_expert,
-                                         output_size=slot_ids.shape[0])
-    keys = slot_ids.long() * experts + expert_ids  # slot-major; a stable sort keeps expert order
+    expert_ids = torch.repeat_interleave(torch.arange(num_local_experts, device=device),
+                                         per_expert, output_size=slot_ids.shape[0])
+    # slot-major keys; a stable sort keeps the dispatcher's expert order inside each slot
+    keys = slot_ids.long() * num_local_experts + expert_ids
     sort_idx = torch.argsort(keys, stable=True)
     inverse_idx = torch.empty_like(sort_idx)
     inverse_idx[sort_idx] = torch.arange(sort_idx.shape[0], device=device)
-    sizes = torch.bincount(keys, minlength=n * experts)
+    sizes = torch.bincount(keys, minlength=n_adapters * num_local_experts)
     ends = sizes.cumsum(0, dtype=torch.int32)
     return ExpertSlotRouting(sort_idx=sort_idx, inverse_idx=inverse_idx, group_offsets=ends,
-                             slot_token_counts=sizes.view(n, experts).sum(1),
+                             slot_token_counts=sizes.view(n_adapters, num_local_experts).sum(1),
                              num_tokens=int(sort_idx.shape[0]),
                              offsets=torch.nn.functional.pad(ends, (1, 0)))
 
@@ -312,8 +330,10 @@ def _slot_routing_hook(moe_layer: nn.Module, layers: list[MultiLoRAGroupedExpert
         if len(args) < 2:
             raise RuntimeError(f"expected the experts to be called as (hidden_states, "
                                f"tokens_per_expert, ...); got {len(args)} positional arguments")
-        routing = build_expert_slot_routing(moe_layer.token_dispatcher, args[1], layers[0],
-                                            args[0].device)
+        ref = layers[0]
+        routing = _build_expert_slot_routing(moe_layer.token_dispatcher, args[1],
+                                             ref.slot_tokens(), ref.n_adapters,
+                                             ref.num_local_experts, args[0].device)
         for layer in layers:
             layer.expert_slot_routing = routing
         return None
