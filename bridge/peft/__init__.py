@@ -1,9 +1,10 @@
-"""Megatron-Bridge's PEFT API over fused kernels: LoRA, DoRA, canonical LoRA, merging, adapter
-checkpoints and the Hugging Face PEFT exchange.
+"""Megatron-Bridge's PEFT API over fused kernels: LoRA, DoRA, canonical LoRA, multi-adapter LoRA,
+merging, adapter checkpoints and the Hugging Face PEFT exchange.
 
 Module by module it follows ``megatron.bridge.peft`` (``adapter_wrapper``, ``base``,
 ``canonical_lora``, ``dora``, ``dora_layers``, ``lora``, ``lora_layers``, ``lora_merge``,
-``module_matcher``, ``recompute``, ``utils``, ``walk_utils``), so switching is a change of import.
+``module_matcher``, ``multi_lora``, ``multi_lora_layers``, ``recompute``, ``utils``,
+``walk_utils``), so switching is a change of import.
 """
 
 from bridge.peft.adapter_io import (
@@ -26,6 +27,8 @@ from bridge.peft.lora import LoRA, VLMLoRA, get_lora_plus_config_overrides
 from bridge.peft.lora_layers import LinearAdapter, LoRALinear, LoRATopKRouter
 from bridge.peft.lora_merge import LoRAMerge, MergeError, merge_and_unload, merge_lora, unmerge_lora
 from bridge.peft.module_matcher import ModuleMatcher
+from bridge.peft.multi_lora import MultiLoRA
+from bridge.peft.multi_lora_layers import MultiLoRALinear
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
 from bridge.peft.recompute import maybe_enable_recompute_inputs_grad
 from bridge.peft.utils import AdapterAttributes, get_adapter_attributes_from_linear, wildcard_match
@@ -49,6 +52,8 @@ __all__ = [
     "LoRATopKRouter",
     "MergeError",
     "ModuleMatcher",
+    "MultiLoRA",
+    "MultiLoRALinear",
     "PEFTConfigError",
     "ParallelLinearAdapter",
     "ParallelLinearDoRAAdapter",
