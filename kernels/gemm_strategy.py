@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -401,13 +402,24 @@ def gemm_dx(strategy: str, dy2d: torch.Tensor, weight: torch.Tensor, ds: torch.T
 
 
 # ---- what the ops call ------------------------------------------------------------------------
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo at import time
+    (about 1.6 s of ``import bridge.kernels``): the decorator only marks the function with the
+    attribute dynamo reads when it traces. Once dynamo is imported, its own decorator runs.
+    tests/test_gemm_strategy.py checks the marking equals torch's."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _variant(seed: torch.Tensor | None, p: float, post: bool) -> str:
     if seed is None or p <= 0.0:
         return "none"
     return "post" if post else "pre"
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _traced_heuristic(device: str, n: int, k: int) -> str:
     """The heuristic at trace time (a constant of the graph; GPU queries stay out of it)."""
     return heuristic(current_arch(torch.device(device)), n, k)

@@ -295,3 +295,18 @@ def test_cuda_graph_capture_never_times(clean_env):
         graph.replay()
     torch.testing.assert_close(y, lora_linear(x, w, b, a, bb, scale=1.0, backend="eager"),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_assume_constant_result_marks_as_torch_does():
+    """Our import-time-cheap decorator leaves the function marked exactly as torch.compiler's,
+    so dynamo treats the heuristic as a graph constant."""
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    gs.assume_constant_result(ours)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(ours) == vars(theirs) and vars(theirs), vars(theirs)
