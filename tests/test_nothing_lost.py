@@ -321,3 +321,20 @@ def test_a_distributed_checkpoint_of_a_merged_model_is_refused(megatron_tp1):
         model.sharded_state_dict()
     unmerge_lora(model)
     assert model.sharded_state_dict()
+
+
+def test_canonical_lora_with_other_parts_is_refused_and_the_same_parts_kept(megatron_tp1):
+    from tests.megatron_utils import tiny_gpt_model
+
+    def canonical(targets):
+        return CanonicalLoRA(target_modules=targets, dim=2, alpha=4, kernel_backend="eager")
+
+    model = canonical(["linear_q"])(tiny_gpt_model(num_layers=1))
+    canonical(["linear_q"])(model)  # the same parts: kept
+    with pytest.raises(PEFTConfigError, match=r"linear_qkv: has LoRALinearSplitQKV\(parts="
+                                              r"linear_q, dim=2, alpha=4\).*parts=linear_q\+"
+                                              r"linear_v"):
+        canonical(["linear_q", "linear_v"])(model)
+    with pytest.raises(PEFTConfigError, match=r"linear_qkv: has LoRALinearSplitQKV.*LoRA here "
+                                              r"makes LoRALinear\(dim=2"):
+        LoRA(target_modules=["linear_qkv"], dim=2, alpha=4)(model)

@@ -60,7 +60,8 @@ def adapter_settings(wrapper: nn.Module) -> dict:
     {path below .adapter ('' for the adapter itself): {"kind", "dim", "alpha", "dropout",
     "dropout_position"}}}``, for each adapter module that has a rank and an alpha."""
     adapters = {}
-    for path, m in wrapper.adapter.named_modules():
+    adapter = getattr(wrapper, "adapter", None)  # MultiLoRA keeps slots instead (none here)
+    for path, m in adapter.named_modules() if isinstance(adapter, nn.Module) else ():
         if isinstance(getattr(m, "dim", None), int) and getattr(m, "alpha", None) is not None:
             adapters[path] = {"kind": type(m).__name__, "dim": m.dim, "alpha": float(m.alpha),
                               "dropout": float(getattr(m, "dropout_p", 0.0)),

@@ -30,8 +30,12 @@ def _dtype_name(dtype) -> str:
 
 
 def _adapter_modules(wrapper: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path below .adapter, module) of each adapter module of a wrapper (those with a rank)."""
-    return [(path, m) for path, m in wrapper.adapter.named_modules()
+    """(path below .adapter, module) of each adapter module of a wrapper (those with a rank;
+    none for a wrapper without one ``adapter``, e.g. MultiLoRA's slots)."""
+    adapter = getattr(wrapper, "adapter", None)
+    if not isinstance(adapter, nn.Module):
+        return []
+    return [(path, m) for path, m in adapter.named_modules()
             if isinstance(getattr(m, "dim", None), int) and hasattr(m, "alpha")]
 
 
@@ -173,7 +177,7 @@ class PEFT(ABC):
         have = self._describe(type(wrapper).__name__, have_parts, first.dim, first.alpha,
                               _factor_dtype(first) if lora_dtype is not None else None)
         want = self._describe(kinds[0].__name__ if kinds else type(wrapper).__name__,
-                              sorted(want_parts) if want_parts is not None else have_parts,
+                              sorted(want_parts or ()),
                               want_dim, self.alpha, lora_dtype)
         same = (not kinds or type(wrapper) in kinds) and all(
             (dim_free or a.dim == self.dim) and float(a.alpha) == float(self.alpha)

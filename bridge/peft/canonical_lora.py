@@ -259,6 +259,12 @@ def _fc1_unfused(full_name: str) -> bool:
 _should_treat_linear_fc1_as_unfused = _fc1_unfused  # Megatron-Bridge's name
 
 
+def _non_gated(module: nn.Module) -> bool:
+    """An fc1 whose config says it has no gated linear unit (its output is not [gate; up])."""
+    config = getattr(module, "config", None)
+    return config is not None and getattr(config, "gated_linear_unit", None) is False
+
+
 # ---- the transform ------------------------------------------------------------------------------
 @dataclass
 class CanonicalLoRA(PEFT, ModuleMatcher):
@@ -355,9 +361,26 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
             adapter.swiglu_output = False
         return adapter
 
+    def wrapper_kinds(self, base: nn.Module, full_name: str, pattern: str) -> tuple[type, ...]:
+        """The wrapper transform() makes for ``base`` (for PEFT's second-application check)."""
+        parts = self.canonical_mapping.get(pattern, set())
+        if isinstance(base, nn.Linear) and not is_modelopt_linear(base) and not is_te_module(base):
+            return (LoRALinear,)
+        if parts and parts <= set(QKV_PARTS):
+            return (LoRALinearSplitQKV,)
+        if parts and parts <= set(FC1_PARTS) and not _fc1_unfused(full_name) \
+                and not _non_gated(base):
+            return (LoRALinearSplitFC1UpGate,)
+        return (LoRATopKRouter,) if is_router(base) else (LoRALinear,)
+
+    def wrapper_parts(self, pattern: str) -> set[str] | None:
+        parts = set(self.canonical_mapping.get(pattern, set()))
+        return parts if parts and (parts <= set(QKV_PARTS) or parts <= set(FC1_PARTS)) else None
+
     def transform(self, module: nn.Module, name: str | None = None, prefix: str | None = None):
         """Wrap a matched linear: split q/k/v or up/gate adapters on the fused layers, a
-        LoRALinear elsewhere (idempotent)."""
+        LoRALinear elsewhere (idempotent). On an fc1 without a gated linear unit, all of fc1 is
+        'up': linear_fc1_up gets one LoRALinear over it, linear_fc1_gate is refused."""
         ans = self.match(module, name, prefix)
         if isinstance(module, AdapterWrapper):
             return self.keep_wrapped(module, ans)
@@ -385,11 +408,16 @@ class CanonicalLoRA(PEFT, ModuleMatcher):
             adapters = ModuleDict({_SplitLoRA.key(p): self._adapter(module, full_name, rows[p])
                                    for p in QKV_PARTS if p in parts})
             return LoRALinearSplitQKV(module, adapters)
-        if parts <= set(FC1_PARTS) and not _fc1_unfused(full_name):
+        if parts <= set(FC1_PARTS) and not _fc1_unfused(full_name) and not _non_gated(module):
             out = get_adapter_attributes_from_linear(module).out_features
             adapters = ModuleDict({_SplitLoRA.key(p): self._adapter(module, full_name, out // 2)
                                    for p in FC1_PARTS if p in parts})
             return LoRALinearSplitFC1UpGate(module, adapters)
+        if parts <= set(FC1_PARTS) and "linear_fc1_gate" in parts and _non_gated(module):
+            raise PEFTConfigError(
+                f"{full_name}: linear_fc1_gate targets the gate half of a gated fc1, but this "
+                "MLP has no gated linear unit (config.gated_linear_unit=False): all of fc1 is "
+                "'up' there; target linear_fc1_up (one adapter over the whole fc1)")
         adapter = self._adapter(module, full_name)
         if is_router(module):
             return LoRATopKRouter(module, adapter)

@@ -3,32 +3,41 @@
 
 Module mapping (Llama-style GPT): ``decoder.layers.{i}.self_attention.linear_qkv`` ->
 ``model.layers.{i}.self_attn.{q,k,v}_proj``, ``...self_attention.linear_proj`` -> ``o_proj``,
-``decoder.layers.{i}.mlp.linear_fc1`` -> ``mlp.{gate,up}_proj`` (``up_proj`` alone without a gated
-linear unit), ``...mlp.linear_fc2`` -> ``down_proj``. PEFT keys are
-``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` (and ``lora_B``).
+``decoder.layers.{i}.mlp.linear_fc1`` -> ``mlp.{gate,up}_proj`` (``up_proj`` alone, all of
+fc1's rows, without a gated linear unit), ``...mlp.linear_fc2`` -> ``down_proj``, the model's
+``output_layer`` -> ``lm_head``. PEFT keys are
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` (and ``lora_B``;
+``base_model.model.lm_head.lora_A.weight``). An adapter on any other module has no PEFT name:
+export and import name it and stop, unless ``skip_unmapped=True`` leaves it out (with a warning).
 
-Export of a fused LoRA (one A [r, K] and one B [N, r] per fused layer) is exact: q, k and v each
-get ``lora_A = A`` and ``lora_B`` = their rows of B, de-interleaved from megatron's per-group qkv
-layout (see ``canonical_lora``); gate/up get the two halves of fc1's B. Canonical LoRA exports its
-own per-part factors.
-
-DoRA exports exactly too (``use_dora: true``, plus each projection's rows of the magnitude as
-``lora_magnitude_vector``): its norm is per output row, so a projection's rows of
-||W0 + s·B@A|| are the norms PEFT computes for that projection.
+Export of a fused LoRA is exact: q, k and v each get ``lora_A = A`` and their rows of B,
+de-interleaved from megatron's per-group qkv layout (see ``canonical_lora``); gate/up the halves
+of fc1's B; canonical LoRA its per-part factors; DoRA also each projection's rows of the
+magnitude (``lora_magnitude_vector``; its norm is per output row). Both files go to temporary
+files in the folder, renamed into place: a failed export leaves the adapter there as it was.
 
 Import rule for a fused layer: separate q/k/v (or gate/up) adapters fit one fused adapter exactly
 only when their A's are equal; then A is that A and B the parts' B's interleaved. Otherwise this
 raises an error naming the layer (it does not stack them into a rank-3r adapter, which would give
 one layer a different rank from the others, change the model's parameter shapes and its optimizer
-state): use ``CanonicalLoRA``, which imports any PEFT LoRA exactly. Only tensor-parallel size 1
-is supported (gather a TP model's adapters first); layer numbers are the model's local ones.
+state): use ``CanonicalLoRA``, which imports any PEFT LoRA exactly. Every file, field and tensor
+is checked before the first copy, so a failed import leaves the model as it was. Config fields
+that change the arithmetic are applied (``rank_pattern`` / ``alpha_pattern`` /
+``layers_to_transform``, which must agree with the model's adapters) or refused by name
+(``fan_in_fan_out``, ``bias``, ``modules_to_save``, ``use_rslora``, residual inits such as PiSSA,
+...). Only tensor-parallel size 1 is supported (gather a TP model's adapters first); layer
+numbers are the model's local ones.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
+import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -50,28 +59,73 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_hf_adapter", "import_hf_
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-HF_PREFIX = "base_model.model.model.layers"
+HF_ROOT = "base_model.model"
+HF_PREFIX = f"{HF_ROOT}.model.layers"
 _LAYER = re.compile(r"(?:^|.*\.)decoder\.layers\.(\d+)\."
                     r"(self_attention\.linear_qkv|self_attention\.linear_proj|mlp\.linear_fc1|"
                     r"mlp\.linear_fc2)$")
-# megatron part name -> HF projection (within the layer)
+_OUTPUT = re.compile(r"^(?:.*\.)?output_layer$")
+# megatron part name -> HF projection (within the layer; lm_head at the model's root)
 _HF_NAME = {"linear_q": "self_attn.q_proj", "linear_k": "self_attn.k_proj",
             "linear_v": "self_attn.v_proj", "linear_proj": "self_attn.o_proj",
             "linear_fc1_gate": "mlp.gate_proj", "linear_fc1_up": "mlp.up_proj",
-            "linear_fc2": "mlp.down_proj"}
+            "linear_fc2": "mlp.down_proj", "output_layer": "lm_head"}
+# PEFT config fields whose non-default value this exchange cannot reproduce (value -> why)
+_REFUSED = {
+    "fan_in_fan_out": (lambda v: bool(v), "weights of a Conv1D (transposed) base"),
+    "bias": (lambda v: v not in (None, "none"), "trained biases, which LoRA here has not"),
+    "modules_to_save": (lambda v: bool(v), "whole trained modules beside the adapters"),
+    "use_rslora": (lambda v: bool(v), "a scale of alpha / sqrt(r), not alpha / r"),
+    "lora_bias": (lambda v: bool(v), "a bias on lora_B"),
+    "layer_replication": (lambda v: bool(v), "replicated layers"),
+    "use_qalora": (lambda v: bool(v), "QA-LoRA's pooled inputs"),
+    "trainable_token_indices": (lambda v: bool(v), "trained embedding rows"),
+    "target_parameters": (lambda v: bool(v), "LoRA on parameters, not modules"),
+    "alora_invocation_tokens": (lambda v: bool(v), "activated LoRA (applies after a token)"),
+    "use_bdlora": (lambda v: bool(v), "block-diagonal LoRA"),
+    "arrow_config": (lambda v: v is not None, "Arrow routing between adapters"),
+    "init_lora_weights": (lambda v: isinstance(v, str) and v.lower().startswith(
+        ("pissa", "olora", "corda", "loftq", "lora_ga")),
+        "an init that rewrote the base weights (the adapter belongs to that residual base)"),
+}
+
+
+def _hf_module(index: int | None, part: str) -> str:
+    """PEFT's module name (relative to the base model) of a megatron part."""
+    return _HF_NAME[part] if index is None else f"model.layers.{index}.{_HF_NAME[part]}"
+
+
+def _hf_key(index: int | None, part: str) -> str:  # the key prefix of its tensors
+    return f"{HF_ROOT}.{_hf_module(index, part)}"
 
 
 def _layers(model: nn.Module):
-    """(layer index, megatron module path tail, wrapper) for every adapted GPT linear."""
+    """(layer index or None, megatron module path tail, name, wrapper) for every adapted GPT
+    linear and output layer."""
     found = []
     for name, module in model.named_modules():
+        if not isinstance(module, AdapterWrapper):
+            continue
         match = _LAYER.match(name)
-        if match and isinstance(module, AdapterWrapper):
+        if match:
             found.append((int(match.group(1)), match.group(2), name, module))
+        elif _OUTPUT.match(name):
+            found.append((None, "output_layer", name, module))
     return found
 
 
-def _check_wrapper(name: str, module: AdapterWrapper) -> None:
+def _unmapped(model: nn.Module, layers) -> list[str]:
+    """Adapter wrappers with no PEFT name (not below a mapped one)."""
+    mapped = {name for _, _, name, _ in layers}
+    return sorted(name for name, m in model.named_modules() if isinstance(m, AdapterWrapper)
+                  and name not in mapped and not any(name.startswith(f"{n}.") for n in mapped))
+
+
+def _gated(module: AdapterWrapper) -> bool:
+    return bool(getattr(getattr(module.to_wrap, "config", None), "gated_linear_unit", False))
+
+
+def _check_wrapper(name: str, tail: str, module: AdapterWrapper) -> None:
     from bridge.peft.multi_lora_layers import MultiLoRALinear
 
     if isinstance(module, MultiLoRALinear) and "adapter" not in module._modules:
@@ -83,6 +137,11 @@ def _check_wrapper(name: str, module: AdapterWrapper) -> None:
             f"{name}: {type(module).__name__} cannot be exchanged with Hugging Face PEFT yet "
             "(LoRA, canonical LoRA and DoRA only)"
         )
+    if isinstance(module, _SplitLoRA) and tail.endswith("linear_fc1") and not _gated(module):
+        raise NotImplementedError(
+            f"{name}: a split gate/up adapter over an fc1 with no gated linear unit "
+            "(gated_linear_unit=False) covers half of fc1's rows, which PEFT's up_proj (all of "
+            "them) cannot hold; apply CanonicalLoRA again (linear_fc1_up adapts the whole fc1)")
     adapters = _wrapper_adapters(module)
     allowed = (ParallelLinearDoRAAdapter,) if isinstance(module, DoRALinear) \
         else (ParallelLinearAdapter, LinearAdapter)
@@ -101,8 +160,7 @@ def _parts(tail: str, module: AdapterWrapper) -> list[str]:
     if tail.endswith("linear_qkv"):
         return ["linear_q", "linear_k", "linear_v"]
     if tail.endswith("linear_fc1"):
-        gated = bool(getattr(getattr(module.to_wrap, "config", None), "gated_linear_unit", False))
-        return ["linear_fc1_gate", "linear_fc1_up"] if gated else ["linear_fc1_up"]
+        return ["linear_fc1_gate", "linear_fc1_up"] if _gated(module) else ["linear_fc1_up"]
     return [tail.rsplit(".", 1)[-1]]
 
 
@@ -112,12 +170,12 @@ def _wrapper_adapters(module: AdapterWrapper) -> list[nn.Module]:
     return [module.adapter]
 
 
-def _adapters_of(model: nn.Module) -> list[nn.Module]:
-    out = []
-    for _, _, name, m in _layers(model):
-        _check_wrapper(name, m)
-        out.extend(_wrapper_adapters(m))
-    return out
+def _part_adapters(tail: str, module: AdapterWrapper) -> dict[str, nn.Module]:
+    """part -> the adapter that computes it (the fused one for every part of a fused layer)."""
+    if isinstance(module, _SplitLoRA):
+        return {p: module.part_adapter(p) for p in _parts(tail, module)
+                if module.part_adapter(p) is not None}
+    return {p: module.adapter for p in _parts(tail, module)}
 
 
 def _split_rows(tail: str, module: AdapterWrapper, t: torch.Tensor) -> list[torch.Tensor]:
@@ -134,9 +192,9 @@ def _factors(tail: str, module: AdapterWrapper) -> dict[str, dict[str, torch.Ten
     ``lora_A.weight``, ``lora_B.weight`` and, for DoRA, ``lora_magnitude_vector``."""
     parts = _parts(tail, module)
     if isinstance(module, _SplitLoRA):
-        return {p: {"lora_A.weight": module.part_adapter(p).linear_in.weight.detach(),
-                    "lora_B.weight": module.part_adapter(p).linear_out.weight.detach()}
-                for p in parts if module.part_adapter(p) is not None}
+        return {p: {"lora_A.weight": a.linear_in.weight.detach(),
+                    "lora_B.weight": a.linear_out.weight.detach()}
+                for p, a in _part_adapters(tail, module).items()}
     a = module.adapter.linear_in.weight.detach()
     bs = _split_rows(tail, module, module.adapter.linear_out.weight.detach())
     out = {p: {"lora_A.weight": a, "lora_B.weight": b} for p, b in zip(parts, bs, strict=True)}
@@ -147,26 +205,79 @@ def _factors(tail: str, module: AdapterWrapper) -> dict[str, dict[str, torch.Ten
     return out
 
 
+def _mapped_layers(model: nn.Module, skip_unmapped: bool, verb: str, error):
+    """The exchangeable layers (each checked), after naming the unmapped ones."""
+    layers = _layers(model)
+    unmapped = _unmapped(model, layers)
+    if unmapped and not skip_unmapped:
+        raise error(f"adapters with no Hugging Face PEFT name: {unmapped} (PEFT names exist for "
+                    "the decoder layers' linear_qkv/linear_proj/linear_fc1/linear_fc2 and the "
+                    f"output_layer); pass skip_unmapped=True to {verb} the others without them")
+    if unmapped:
+        what = "left out of the export" if verb == "export" else "left as they are"
+        warnings.warn(f"adapters with no Hugging Face PEFT name {what}: {unmapped}", UserWarning,
+                      stacklevel=3)
+    for _, tail, name, module in layers:
+        _check_wrapper(name, tail, module)
+    return layers
+
+
+def _write_atomically(directory: str, tensors: dict, config_text: str) -> None:
+    """Both files to temporary files in ``directory``, then renamed into place (a failure
+    before the renames leaves what was there; temporary files are removed)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    temps = []
+    try:
+        for suffix in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            fd, path = tempfile.mkstemp(dir=directory, prefix=f".{suffix}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(path)
+        save_file(tensors, temps[0], metadata={"format": "pt"})
+        with open(temps[1], "w") as f:
+            f.write(config_text)
+        for path in temps:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(temps[0], os.path.join(directory, ADAPTER_WEIGHTS))
+        os.replace(temps[1], os.path.join(directory, ADAPTER_CONFIG))
+    finally:
+        for path in temps:
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
-                      base_model_name_or_path: str | None = None) -> dict[str, torch.Tensor]:
+                      base_model_name_or_path: str | os.PathLike | None = None, *,
+                      skip_unmapped: bool = False) -> dict[str, torch.Tensor]:
     """Write ``model``'s LoRA (canonical LoRA, DoRA) adapters as a Hugging Face PEFT adapter in
-    ``directory``.
+    ``directory`` (files replaced atomically).
+
+    Args:
+        skip_unmapped: leave out (with a warning) adapters on modules without a PEFT name
+            instead of raising.
 
     Returns:
         The tensors written (PEFT key -> tensor).
 
     Raises:
         ValueError: the model has no LoRA adapters on GPT linears, or their ranks/alphas differ.
-        NotImplementedError: tensor-parallel size > 1, or DoRA and LoRA layers mixed.
+        NotImplementedError: adapters without a PEFT name (listed; see ``skip_unmapped``),
+            tensor-parallel size > 1, DoRA and LoRA layers mixed, a split fc1 adapter over a
+            non-gated fc1.
+        TypeError: ``base_model_name_or_path`` is not a str or a path.
     """
-    from safetensors.torch import save_file
-
-    layers = _layers(model)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path,
+                                                                  (str, os.PathLike)):
+        raise TypeError(f"base_model_name_or_path must be a str or a path, got "
+                        f"{type(base_model_name_or_path).__name__}")
+    layers = _mapped_layers(model, skip_unmapped, "export", NotImplementedError)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapters on GPT linears "
                          "(decoder.layers.N.{self_attention.linear_qkv|linear_proj, "
-                         "mlp.linear_fc1|linear_fc2}); apply LoRA first")
-    adapters = _adapters_of(model)
+                         "mlp.linear_fc1|linear_fc2}, output_layer); apply LoRA first")
+    adapters = [a for _, _, _, m in layers for a in _wrapper_adapters(m)]
     hparams = {(a.dim, a.alpha, a.dropout_p) for a in adapters}
     if len(hparams) != 1:
         raise ValueError(f"adapters have different (rank, alpha, dropout): {sorted(hparams)}; "
@@ -176,21 +287,18 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
     tensors, targets = {}, set()
     for index, tail, _, module in layers:
         for part, named in _factors(tail, module).items():
-            key = f"{HF_PREFIX}.{index}.{_HF_NAME[part]}"
             for suffix, t in named.items():
-                tensors[f"{key}.{suffix}"] = t.contiguous().clone()
+                tensors[f"{_hf_key(index, part)}.{suffix}"] = t.contiguous().clone()
             targets.add(_HF_NAME[part].rsplit(".", 1)[-1])
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "lora_dropout": dropout, "target_modules": sorted(targets), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": use_dora,
-        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None,
+        "base_model_name_or_path": None if base_model_name_or_path is None
+        else os.fspath(base_model_name_or_path),
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
     }
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _write_atomically(os.fspath(directory), tensors, json.dumps(config, indent=2))
     return tensors
 
 
@@ -199,26 +307,131 @@ def _normalise_key(key: str) -> str:
     return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
 
 
-def import_hf_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Load a Hugging Face PEFT LoRA (or DoRA) adapter into ``model``'s LoRA, canonical LoRA or
-    DoRA adapters.
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"{path} cannot be read as JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{path} cannot be read as a PEFT config: it holds a "
+                               f"{type(config).__name__}, not an object")
+    return config
 
-    The model must already carry adapters of the same rank and alpha on the layers the file has.
 
-    Raises:
-        AdapterLoadError: rank/alpha (or use_dora) differ from the model's; keys missing from the file or
-            unused by the model (listed); a shape mismatch (layer and both shapes); separate
-            q/k/v (or gate/up) A's that differ where the model has one fused adapter (named).
-        ValueError: the file is not a LoRA adapter, or the model has no adapters.
-    """
+def _check_number(path: str, field: str, value, integer: bool) -> None:
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        want = "a positive int"
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) \
+            and math.isfinite(value) and value > 0
+        want = "a finite number > 0"
+    if not ok:
+        raise AdapterLoadError(f"{path}: {field!r} must be {want}, got "
+                               f"{type(value).__name__} {value!r}")
+
+
+def _check_config(config: dict, path: str) -> None:
+    """Types of the fields read, and the fields that change the arithmetic (refused)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"{path}: only LoRA/DoRA adapters can be imported (got peft_type "
+                               f"{config.get('peft_type')!r})")
+    if "r" not in config:
+        raise AdapterLoadError(f"{path} has no 'r' (the LoRA rank); is it a PEFT LoRA config?")
+    _check_number(path, "r", config["r"], integer=True)
+    _check_number(path, "lora_alpha", config.get("lora_alpha", 8), integer=False)
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterLoadError(f"{path}: {field!r} must be an object, got "
+                                   f"{type(pattern).__name__}")
+        for key, value in pattern.items():
+            _check_number(path, f"{field}[{key!r}]", value, integer=field == "rank_pattern")
+    refused = [f"{field}={config[field]!r} ({why})" for field, (bad, why) in _REFUSED.items()
+               if field in config and bad(config[field])]
+    if refused:
+        raise AdapterLoadError(f"{path} sets what this import cannot reproduce: "
+                               + "; ".join(refused) + "; the adapter would compute something "
+                               "else here")
+
+
+def _pattern(config: dict, field: str, module: str):
+    """PEFT's rule: the first pattern key that matches the end of the module name."""
+    for key, value in (config.get(field) or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key, value
+    return None, None
+
+
+def _check_hparams(config: dict, path: str, layers) -> None:
+    """Each adapter's rank and alpha against the file's (with rank/alpha patterns), and the
+    layers it adapts against ``layers_to_transform``."""
+    problems = []
+    for index, tail, name, module in layers:
+        for part, adapter in _part_adapters(tail, module).items():
+            hf = _hf_module(index, part)
+            r_key, r = _pattern(config, "rank_pattern", hf)
+            a_key, alpha = _pattern(config, "alpha_pattern", hf)
+            r = config["r"] if r is None else r
+            alpha = config.get("lora_alpha", 8) if alpha is None else alpha
+            if adapter.dim != r or float(adapter.alpha) != float(alpha):
+                notes = [f"{f} {k!r}" for f, k in (("rank_pattern", r_key),
+                                                   ("alpha_pattern", a_key)) if k is not None]
+                problems.append(
+                    f"{name} ({hf}): the model's adapter has r={adapter.dim}, alpha="
+                    f"{adapter.alpha}; the file has r={r}, lora_alpha={alpha}"
+                    + (f" ({', '.join(notes)})" if notes else ""))
+    wanted = config.get("layers_to_transform")
+    if wanted is not None:
+        wanted = sorted([wanted] if isinstance(wanted, int) else wanted)
+        have = sorted({i for i, _, _, _ in layers if i is not None})
+        if wanted != have:
+            problems.append(f"layers_to_transform={wanted}, but the model adapts layers {have}: "
+                            "apply LoRA to the same layers")
+    if problems:
+        raise AdapterLoadError(f"{path}: " + "; ".join(problems))
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
-        config = json.load(f)
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_rslora"):
-        raise ValueError(f"{directory}: only LoRA/DoRA adapters can be imported (got peft_type "
-                         f"{config.get('peft_type')!r}, use_rslora={config.get('use_rslora')})")
-    layers = _layers(model)
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no adapter weights there")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError (and others)
+        raise AdapterLoadError(f"{path} cannot be read as safetensors "
+                               f"({type(err).__name__}: {err})") from err
+
+
+def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
+                      skip_unmapped: bool = False) -> None:
+    """Load a Hugging Face PEFT LoRA (or DoRA) adapter into ``model``'s LoRA, canonical LoRA or
+    DoRA adapters. Everything is checked before the first tensor is copied.
+
+    The model must already carry adapters of the file's rank and alpha on the layers the file
+    has (rank_pattern / alpha_pattern / layers_to_transform included).
+
+    Args:
+        skip_unmapped: leave adapters on modules without a PEFT name as they are (with a
+            warning) instead of raising.
+
+    Raises:
+        AdapterLoadError: naming the file, field, key or layer: an unreadable file, a field
+            of a bad type or one this import cannot reproduce, rank/alpha/use_dora unlike the
+            model's, missing or unused keys, shapes, q/k/v (gate/up) A's that differ where the
+            model has one fused adapter, adapters without a PEFT name.
+        ValueError: the model has no adapters on GPT linears.
+    """
+    directory = os.fspath(directory)
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    config = _read_config(directory)
+    _check_config(config, path)
+    layers = _mapped_layers(model, skip_unmapped, "import", AdapterLoadError)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapters on GPT linears; apply LoRA "
                          "(or CanonicalLoRA, DoRA) with the adapter's rank first")
@@ -226,22 +439,13 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     if bool(config.get("use_dora")) != dora:
         raise AdapterLoadError(f"{directory}: the file has use_dora={bool(config.get('use_dora'))}"
                                f" but the model's adapters are {'DoRA' if dora else 'LoRA'}")
-    for a in _adapters_of(model):
-        if a.dim != config["r"] or float(a.alpha) != float(config["lora_alpha"]):
-            raise AdapterLoadError(
-                f"{a.base_linear_name}: the model's adapter has r={a.dim}, alpha={a.alpha}; the "
-                f"file has r={config['r']}, lora_alpha={config['lora_alpha']}"
-            )
-    loaded = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
-    given = {_normalise_key(k): v for k, v in loaded.items()}
+    _check_hparams(config, path, layers)
+    given = {_normalise_key(k): v for k, v in _read_weights(directory).items()}
 
     # Which file keys each layer needs (a fused layer needs all of its parts).
     plan, needed = [], set()
     for index, tail, name, module in layers:
-        parts = _parts(tail, module)
-        if isinstance(module, _SplitLoRA):
-            parts = [p for p in parts if module.part_adapter(p) is not None]
-        keys = {p: f"{HF_PREFIX}.{index}.{_HF_NAME[p]}" for p in parts}
+        keys = {p: _hf_key(index, p) for p in _part_adapters(tail, module)}
         suffixes = ["lora_A.weight", "lora_B.weight"] + (["lora_magnitude_vector"] * dora)
         needed |= {f"{k}.{x}" for k in keys.values() for x in suffixes}
         plan.append((name, tail, module, keys))
@@ -250,12 +454,13 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         raise AdapterLoadError(f"{directory}: keys the model needs but the file lacks: {missing}; "
                                f"keys in the file the model has no adapter for: {unexpected}")
 
+    copies = []  # (param, value): all checked first, copied last
+
     def put(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
         if param.shape != value.shape:
             raise AdapterLoadError(f"{name}: the model's tensor has shape {tuple(param.shape)}, "
                                    f"the file's {tuple(value.shape)}")
-        with torch.no_grad():
-            param.copy_(value)
+        copies.append((param, value))
 
     for name, tail, module, keys in plan:
         a_s = {p: given[f"{k}.lora_A.weight"] for p, k in keys.items()}
@@ -283,6 +488,9 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             m = _join_rows(name, tail, module,
                            [given[f"{k}.lora_magnitude_vector"] for k in keys.values()])
             put(f"{name}.adapter.weight_magnitude", module.adapter.weight_magnitude, m)
+    with torch.no_grad():
+        for param, value in copies:
+            param.copy_(value)
 
 
 def _join_rows(name: str, tail: str, module: AdapterWrapper, pieces: list[torch.Tensor]):
@@ -302,4 +510,3 @@ def _uses_dora(layers) -> bool:
     if len(kinds) > 1:
         raise NotImplementedError("a model mixing DoRA and LoRA layers cannot be one PEFT adapter")
     return kinds == {True}
-
