@@ -55,10 +55,10 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 
 from benchmarks.layer_models import TARGETS, build_stack, lora_sites, spec_available  # noqa: E402
 from benchmarks.layer_report import PROVIDERS, case_rows, summary, write_layer_csv  # noqa: E402
+from tests.numerics import dtype_tol, rel_err  # noqa: E402
 
 ALPHA = 32.0
 SEED = 1234
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # vs the fp64 oracle
 
 
 @dataclass(frozen=True)
@@ -306,11 +306,6 @@ class _FixedMask(torch.nn.Module):
         return t * self.mask.to(t.dtype) / (1 - self.p)
 
 
-def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double().to(a.device)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def check(case: LayerCase, provider: str) -> tuple[float, dict[str, str]]:
     """Compare ``provider`` at ``case.check_case()`` with eager LoRA in fp64 under the same
     masks; returns (largest relative error, {layer: path}). Raises AssertionError when off."""
@@ -344,12 +339,12 @@ def check(case: LayerCase, provider: str) -> tuple[float, dict[str, str]]:
     x64 = x.detach().to(oracle_dtype).requires_grad_(True)
     loss64 = step(oracle, x64, dy.to(oracle_dtype), loss=True)
     errs = {"loss": abs(float(loss) - float(loss64)) / abs(float(loss64)),
-            "dx": _rel(x.grad, x64.grad)}
+            "dx": rel_err(x.grad, x64.grad)}
     for name, site in sites.items():
         for tag, got, want in zip(("dA", "dB"), _factors(site), _factors(sites64[name]),
                                   strict=True):
-            errs[f"{name} {tag}"] = _rel(got.grad, want.grad)
-    tol = TOL[c.dtype]
+            errs[f"{name} {tag}"] = rel_err(got.grad, want.grad)
+    tol = dtype_tol(c.dtype, "layer")  # vs the fp64 oracle
     bad = {k: v for k, v in errs.items() if not v <= tol}
     if bad:
         worst = ", ".join(f"{k} {v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:4])

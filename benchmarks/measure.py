@@ -23,12 +23,9 @@ from bridge.kernels._timing import Budget, bench
 from benchmarks import roofline
 from benchmarks.cases import NORM, NORM_EPS, Case
 from benchmarks.providers import Provider, Runner, Tensors, make_tensors, provider
+from tests.numerics import dtype_tol, rel_err
 
 SEED = 1234
-# Relative-error tolerance (||out - ref|| / ||ref||, against fp64) per dtype. fp32 on a GPU allows
-# TF32 GEMMs (Triton's fp32 tl.dot default); bf16 sits a few ulps (2^-8) above its rounding error.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-TF32_TOLERANCE = 2e-3
 CHECK_SHAPE = (67, 32, 80)  # M, K = r, N of the dropout check: M and K odd w.r.t. any block
 
 
@@ -37,15 +34,9 @@ class Skip(Exception):  # noqa: N818  (a control-flow signal, not an error)
 
 
 def tolerance(dtype: torch.dtype, device: str) -> float:
-    if dtype == torch.float32 and device != "cpu":
-        return TF32_TOLERANCE
-    return TOLERANCE[dtype]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+    """Relative-error tolerance of a benchmark case against fp64 (tests/numerics.py's "bench"
+    row; fp32 on a GPU allows TF32 GEMMs, Triton's fp32 tl.dot default)."""
+    return dtype_tol(dtype, "bench", tf32=device != "cpu")
 
 
 # ---- reference and check -----------------------------------------------------------------------

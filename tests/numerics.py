@@ -3,9 +3,10 @@ comparison uses, and the random input factories (written once; import them, neve
 
 Tolerances are relative-norm bounds ||out - ref|| / ||ref|| against the fp64 reference, about one
 ulp of the storage type for outputs rounded once from fp32 accumulators (bf16 2^-7, fp16 2^-10),
-fp32 far above its rounding. ``"op"`` covers one fused op (a GEMM and the low-rank term); ``"chain"``
-covers several ops rounded in sequence (a norm in front of the GEMM, a whole layer), which may
-round a few times more.
+fp32 far above its rounding. ``"op"`` covers one fused op (a GEMM and the low-rank term) at test
+sizes; ``"chain"`` several ops rounded in sequence (a norm in front of the GEMM); ``"bench"`` one
+op at benchmark sizes (long reductions, fp32 on a GPU with TF32 allowed: see ``tf32``);
+``"layer"`` a whole decoder layer step (dozens of roundings, gradients through attention).
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ _TOLS = {
     "op": {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12},
     "chain": {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2,
               torch.float64: 1e-12},
+    "bench": {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
+              torch.float64: 1e-12},
+    "layer": {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2,
+              torch.float64: 1e-12},
 }
+TF32_TOL = 2e-3  # fp32 GEMMs on a GPU where TF32 is allowed (10-bit mantissa inputs)
 
 
-def dtype_tol(dtype: torch.dtype, kind: str = "op") -> float:
-    """Relative-norm tolerance for results computed in ``dtype`` (``kind``: "op" | "chain")."""
+def dtype_tol(dtype: torch.dtype, kind: str = "op", *, tf32: bool = False) -> float:
+    """Relative-norm tolerance for results computed in ``dtype`` (``kind``: "op" | "chain" |
+    "bench" | "layer"); ``tf32`` widens fp32 to TF32's rounding."""
+    if tf32 and dtype == torch.float32:
+        return max(TF32_TOL, _TOLS[kind][dtype])
     try:
         return _TOLS[kind][dtype]
     except KeyError:
@@ -29,8 +38,8 @@ def dtype_tol(dtype: torch.dtype, kind: str = "op") -> float:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp64: how every kernel test compares with the reference."""
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
