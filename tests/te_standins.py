@@ -388,6 +388,7 @@ class TEGroupedLinear(_WrapperForward, GroupedLinear):
         self.te_quant_params = None
         for param in self.parameters():
             param.allreduce = not (is_expert and self.expert_parallel)
+        self._register_load_state_dict_pre_hook(self._merge_extra_states)
 
     def forward(self, x, m_splits):
         first = None if self.disable_parameter_transpose_cache else self.is_first_microbatch
@@ -395,8 +396,48 @@ class TEGroupedLinear(_WrapperForward, GroupedLinear):
         self.is_first_microbatch = False
         return out if self.te_return_bias else (out, None)
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        raise NotImplementedError("the grouped TE stand-in has no sharded_state_dict yet")
+    @staticmethod
+    def _merge_extra_states(state_dict, prefix, *args) -> None:
+        """megatron's load hook: the per-expert ``_extra_state{i}`` copies a sharded checkpoint
+        holds fold back into the one ``_extra_state`` (the first's)."""
+        for key in [k for k in state_dict if k.startswith(f"{prefix}_extra_state")]:
+            if key != f"{prefix}_extra_state":
+                state_dict.pop(key)
+
+    def _grouped_sharded_state_dict(self, tp_axis: dict, prefix="", sharded_offsets=(),
+                                    metadata=None):
+        """megatron's ``TEGroupedLinear._sharded_state_dict_grouped``: expert i's ``weight{i}``
+        (and ``bias{i}``, ``_extra_state``) saved as the ``weight`` of global expert
+        ep_rank * num_gemms + i on a leading expert axis (SequentialMLP's keys after the MLP's
+        prefix change), replicated over expert data parallelism."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        full = self.state_dict(prefix="", keep_vars=True)
+        ep = self._pg_collection.ep
+        first, total = ep.rank() * self.num_gemms, ep.size() * self.num_gemms
+        out = {}
+        for i in range(self.num_gemms):
+            local = {f"{i}.weight": full[f"weight{i}"], f"{i}._extra_state": full["_extra_state"]}
+            if self.use_bias:
+                local[f"{i}.bias"] = full[f"bias{i}"]
+            sub = make_sharded_tensors_for_checkpoint(
+                local, "", {f"{i}.{k}": axis for k, axis in tp_axis.items()},
+                (*sharded_offsets, (len(sharded_offsets), first + i, total)),
+                tp_group=self._tp_group, dp_cp_group=metadata["dp_cp_group"])
+            replace_prefix_for_sharding(sub, f"{i}.", prefix)
+            out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
+            out[f"{prefix}_extra_state{'' if i == 0 else i}"] = sub[f"{i}._extra_state"]
+            if self.use_bias:
+                out[f"{prefix}bias{i}"] = sub[f"{i}.bias"]
+        edp = self._pg_collection.expt_dp.rank()
+        for value in out.values():
+            value.replica_id = (*value.replica_id[:2], edp)
+        return out
 
 
 @_located(_MCORE)
@@ -408,6 +449,11 @@ class TEColumnParallelGroupedLinear(TEGroupedLinear):
                          bias=bias, skip_bias_add=skip_bias_add, is_expert=is_expert,
                          tp_comm_buffer_name=tp_comm_buffer_name, pg_collection=pg_collection)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Each expert's weight (and bias) sharded on axis 0 over expert TP."""
+        return self._grouped_sharded_state_dict({"weight": 0, "bias": 0}, prefix,
+                                                sharded_offsets, metadata)
+
 
 @_located(_MCORE)
 class TERowParallelGroupedLinear(TEGroupedLinear):
@@ -417,6 +463,11 @@ class TERowParallelGroupedLinear(TEGroupedLinear):
                          config=config, init_method=_condition_init(config, init_method),
                          bias=bias, skip_bias_add=skip_bias_add, is_expert=is_expert,
                          tp_comm_buffer_name=tp_comm_buffer_name, pg_collection=pg_collection)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Each expert's weight sharded on axis 1 over expert TP (its bias replicated)."""
+        return self._grouped_sharded_state_dict({"weight": 1}, prefix, sharded_offsets,
+                                                metadata)
 
 
 # ---- a GPT layer spec built from them -----------------------------------------------------------

@@ -388,8 +388,8 @@ class SharedOuterGroupedExpertAdapter(_ExpertAdapterBase):
             self.linear_in = per
             shared = self._shared_weight(out_features, dim, self._b_init, dtype, params_device)
             self.linear_out = _GroupedExpertAdapterWeight(shared)
-        self._shared = self.linear_in if self._is_fc1 else self.linear_out
-        broadcast_from_first([self._shared.weight], self.ep_group)
+        shared = self.linear_in if self._is_fc1 else self.linear_out
+        broadcast_from_first([shared.weight], self.ep_group)
         self._mark(self.linear_in.weight, 0 if self._is_fc1 else 2)
         self._mark(self.linear_out.weight, 1 if self._is_fc1 else 0)
 

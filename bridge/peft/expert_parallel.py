@@ -36,6 +36,7 @@ from bridge.peft.tp import group_size
 __all__ = [
     "ExpertGroups",
     "broadcast_from_first",
+    "enable_legacy_shared_expert_adapter_loading",
     "expert_dp_allreduce_flag",
     "expert_groups",
     "gather_factor",
@@ -241,21 +242,23 @@ def expert_shards(key: str, data: torch.Tensor, sharded_offsets, own_offsets, re
                 out.append((prepend + axis, rank, frag))
         return out
 
-    def one(t: torch.Tensor, part: str | None, slot: int | None, rid):
+    def one(name: str, t: torch.Tensor, part: str | None, slot: int | None, rid):
         lead = [] if slot is None else [(len(base), slot, slots[2])]
-        return ShardedTensor.from_rank_offsets(key, t, *base, *lead, *offsets_for(part),
+        return ShardedTensor.from_rank_offsets(name, t, *base, *lead, *offsets_for(part),
                                                replica_id=rid, prepend_axis_num=prepend)
 
     if slots is None and swiglu_axis is None:
-        return one(data, None, None, replica_id)
+        return one(key, data, None, None, replica_id)
 
     @torch.no_grad()
-    def build(key_, t, rid, flattened_range):
-        del key_, flattened_range
+    def build(name, t, rid, flattened_range):
+        # ``name`` is the factory's key at save/load time: megatron's modules rename keys after
+        # the adapter made them (e.g. TEGroupedMLP's ``linear_fc1.`` -> ``...experts.linear_fc1.``)
+        del flattened_range
         parts = [(None, t)] if swiglu_axis is None else list(zip("wv", t.chunk(2, swiglu_axis),
                                                                 strict=True))
         slot_ids = [None] if slots is None else range(slots[0], slots[0] + slots[1])
-        return [one(piece, part, slot, rid) for slot in slot_ids for part, piece in parts]
+        return [one(name, piece, part, slot, rid) for slot in slot_ids for part, piece in parts]
 
     def merge(loaded):
         loaded = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
@@ -264,3 +267,51 @@ def expert_shards(key: str, data: torch.Tensor, sharded_offsets, own_offsets, re
         return first[0] if swiglu_axis is None else torch.cat(first, dim=swiglu_axis)
 
     return ShardedTensorFactory(key, data, build, merge, replica_id)
+
+
+def _factories(tree) -> list:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(tree, ShardedTensorFactory):
+        return [tree]
+    if isinstance(tree, dict):
+        return [f for v in tree.values() for f in _factories(v)]
+    if isinstance(tree, (list, tuple)):
+        return [f for v in tree for f in _factories(v)]
+    return []
+
+
+def enable_legacy_shared_expert_adapter_loading(megatron_model, sharded_state_dict,
+                                                checkpoint_path) -> bool:
+    """Let a checkpoint written with the earlier 2-D layout of shared grouped-expert adapters load
+    (Megatron-Bridge's name): the adapters whose tensors the checkpoint holds without the leading
+    expert axis switch to that layout (``use_legacy_shared_expert_adapter_checkpoint``); build
+    the sharded state dict again before loading.
+
+    Args:
+        megatron_model: the model (or its chunks) whose adapters ``sharded_state_dict`` describes.
+        sharded_state_dict: its current (adapter) sharded state dict.
+        checkpoint_path: the distributed checkpoint directory to inspect.
+
+    Returns:
+        True if at least one adapter was switched.
+    """
+    del megatron_model  # the factories name their adapters
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_path))
+    enabled = False
+    for factory in _factories(sharded_state_dict):
+        ref = getattr(factory, "shared_expert_adapter", None)
+        adapter = ref() if ref is not None else None
+        saved = metadata.get(factory.key, metadata.get(f"model.{factory.key}"))
+        if adapter is None or saved is None:
+            continue
+        built = factory.build()
+        first = built[0] if isinstance(built, list) else built
+        # the expert axis is the last of the prepended ones; the 2-D layout has none
+        axis, shape = first.prepend_axis_num - 1, tuple(first.global_shape)
+        if axis >= 0 and tuple(saved.global_shape) == shape[:axis] + shape[axis + 1:]:
+            adapter.use_legacy_shared_expert_adapter_checkpoint = True
+            enabled = True
+    return enabled

@@ -3,7 +3,9 @@
 The rest of upstream's ``utils`` lives in modules of its own and is re-exported here for import
 compatibility: ``ParallelLinearAdapter`` (``parallel_linear_adapter``), the init methods
 (``adapter_init``), the sequence helpers (``tp``), ``create_peft`` / ``create_peft_hook`` /
-``load_peft_adapter_checkpoint`` (``factory``).
+``load_peft_adapter_checkpoint`` (``factory``), the MoE expert adapters
+``GroupedExpertLinearAdapter`` / ``SharedOuterGroupedExpertAdapter`` / ``PackedPerExpertLinear``
+(``expert_adapters``) and ``enable_legacy_shared_expert_adapter_loading`` (``expert_parallel``).
 """
 
 from __future__ import annotations
@@ -21,17 +23,27 @@ from bridge.peft.adapter_init import (
 )
 from bridge.peft.adapter_io import load_peft_adapter_checkpoint
 from bridge.peft.errors import UnsupportedModuleError
+from bridge.peft.expert_adapters import (
+    GroupedExpertLinearAdapter,
+    PackedPerExpertLinear,
+    SharedOuterGroupedExpertAdapter,
+)
+from bridge.peft.expert_parallel import enable_legacy_shared_expert_adapter_loading
 from bridge.peft.factory import create_peft, create_peft_hook
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
 from bridge.peft.tp import all2all_hp2sp, group_size, pad_seq_to_mult, unpad_seq_to_mult
 
 __all__ = [
     "AdapterAttributes",
+    "GroupedExpertLinearAdapter",
+    "PackedPerExpertLinear",
     "ParallelLinearAdapter",
+    "SharedOuterGroupedExpertAdapter",
     "align_expert_dim_for_tp",
     "all2all_hp2sp",
     "create_peft",
     "create_peft_hook",
+    "enable_legacy_shared_expert_adapter_loading",
     "get_adapter_attributes_from_linear",
     "get_effective_lora_dim",
     "init_method_const",
