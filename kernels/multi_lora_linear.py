@@ -481,7 +481,7 @@ torch.library.register_autograd("bridge::multi_lora_linear_fwd", _backward,
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
+@gemm_strategy.assume_constant_result
 def _auto_gemm(device: str, n: int, k: int) -> str:
     """'auto' resolved without timing: kernels/gemm_strategy.py's heuristic (cuBLAS for large N
     and K on sm_90+), the same on every rank and a constant of a traced graph."""

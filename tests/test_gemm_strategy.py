@@ -310,3 +310,19 @@ def test_assume_constant_result_marks_as_torch_does():
     gs.assume_constant_result(ours)
     torch.compiler.assume_constant_result(theirs)
     assert vars(ours) == vars(theirs) and vars(theirs), vars(theirs)
+
+
+def test_import_bridge_kernels_does_not_import_dynamo():
+    """``import bridge.kernels`` (every op module) stays free of torch._dynamo (~1.6 s of import):
+    no module may call torch.compiler.assume_constant_result at import time."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, bridge.kernels, bridge.kernels.multi_lora_linear, "
+            "bridge.kernels.grouped_lora_linear, bridge.kernels.norm_lora; "
+            "print('torch._dynamo' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -90,7 +90,7 @@ def _base_kind(base: nn.Module) -> tuple[str | None, str]:
 def expert_constraints(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict
                        ) -> tuple[str | None, list[tuple[bool, str]]]:
     """(kind, the (ok, reason) checks the fused path needs)."""
-    from bridge.peft.fused_forward import _quantized_weight, _te_constraints
+    from bridge.peft.fused_forward import quantized_weight, te_constraints
     from bridge.peft.utils import is_te_module
 
     base, adapter = wrapper.to_wrap, wrapper.adapter
@@ -115,11 +115,11 @@ def expert_constraints(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs:
                (not getattr(base, "skip_weight_param_allocation", False),
                 "base weight is passed at call time")]
     if kind is not None and is_te_module(base):
-        checks += _te_constraints(base, config)
+        checks += te_constraints(base, config)
     weights = _weights(base)
     if kind is None or not weights:
         return None, checks
-    quantized = _quantized_weight(weights[0])
+    quantized = quantized_weight(weights[0])
     lora = getattr(getattr(adapter, "linear_in", None), "weight", None)
     checks += [(not quantized, f"base weight is a quantised {quantized} (fp8 weights)"),
                (not any(w.requires_grad for w in weights),

@@ -49,8 +49,9 @@ from bridge.kernels.gemm_strategy import ENV_GEMM, requested_gemm
 from bridge.kernels.lora_linear import lora_linear_fused
 from bridge.kernels.norm_lora import norm_lora_linear_fused
 
-__all__ = ["FusedPlan", "base_kind", "forget_fused_plan", "fused_constraints",
-           "fused_lora_forward", "fused_plan", "training_plan"]
+__all__ = ["FusedPlan", "base_kind", "call_layout", "forget_fused_plan", "fused_constraints",
+           "fused_lora_forward", "fused_plan", "quantized_weight", "te_constraints",
+           "te_fp8_probe", "training_plan"]
 
 # transformer-engine's userbuffers flags (Linear and LayerNormLinear set the *_fprop/*_dgrad and
 # bulk ones; megatron's TE wrappers pass ub_overlap_ag/rs, which TE's GroupedLinear stores).
@@ -127,7 +128,7 @@ def _te_fp8_manager(cls: type):
     return None
 
 
-def _te_fp8_probe(base: nn.Module) -> Callable[[], bool] | None:
+def te_fp8_probe(base: nn.Module) -> Callable[[], bool] | None:
     """A cheap call saying whether TE runs fp8 (or fp8 calibration) right now; None without
     TE's fp8 state."""
     manager = _te_fp8_manager(type(base))
@@ -138,7 +139,7 @@ def _te_fp8_probe(base: nn.Module) -> Callable[[], bool] | None:
     return enabled if calibrating is None else (lambda: bool(enabled() or calibrating()))
 
 
-def _quantized_weight(weight) -> str:
+def quantized_weight(weight) -> str:
     """The class name of a TE quantised weight (Float8Tensor, MXFP8Tensor, ...), else ''."""
     if type(weight) in (torch.Tensor, nn.Parameter):  # the usual case (and what dynamo traces)
         return ""
@@ -150,9 +151,9 @@ def _quantized_weight(weight) -> str:
     return ""
 
 
-def _te_constraints(base: nn.Module, config) -> list[tuple[bool, str]]:
+def te_constraints(base: nn.Module, config) -> list[tuple[bool, str]]:
     """Where a TE base computes what the fused op does not: fp8, userbuffers, delayed dW."""
-    probe = _te_fp8_probe(base)
+    probe = te_fp8_probe(base)
     checks = [(probe is None or not probe(),
                "transformer-engine fp8_autocast is active (the base's GEMM runs in fp8)"),
               (not getattr(base, "primary_weights_in_fp8", False),
@@ -193,12 +194,12 @@ def fused_constraints(wrapper: nn.Module, args: tuple, kwargs: dict) -> list[tup
              "base weight is passed at call time"),
         ]
     if kind is not None and is_te_module(base):
-        checks += _te_constraints(base, config)
+        checks += te_constraints(base, config)
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor):
         checks.append((False, f"{type(base).__name__} has no single weight tensor"))
         return checks
-    quantized = _quantized_weight(weight)
+    quantized = quantized_weight(weight)
     checks += [(not quantized, f"base weight is a quantised {quantized} (fp8 weights)"),
                (not weight.requires_grad,
                 "base weight requires grad (the fused path is for a frozen base)")]
@@ -265,7 +266,7 @@ def _plan_key(wrapper, base, adapter, x, a, b, has_args: bool, training: bool) -
             has_args, id(base), id(adapter), id(getattr(base, "config", None)), tensors)
 
 
-def _layout(base, kind: str, te: bool) -> dict:
+def call_layout(base, kind: str, te: bool) -> dict:
     """How the base is called and what it returns (FusedPlan's layout fields)."""
     if kind == "linear":
         return dict(skip_bias_add=False, bare=True)
@@ -304,7 +305,7 @@ def _make_plan(wrapper, x, args, kwargs, key) -> FusedPlan:
                             "the fused path runs in one dtype"))
     kind, _ = base_kind(base)
     te = kind is not None and is_te_module(base)
-    probe = _te_fp8_probe(base) if te else None
+    probe = te_fp8_probe(base) if te else None
     fp8 = dict(fp8_probe=probe, fp8_on=bool(probe()) if probe is not None else False)
     gemm = requested_gemm(getattr(wrapper, "kernel_gemm", "auto"))
     choice = _choose(wrapper, x, constraints, kind)
@@ -315,7 +316,7 @@ def _make_plan(wrapper, x, args, kwargs, key) -> FusedPlan:
             "; ".join(failed)
         return FusedPlan(key, None, "eager", reason, gemm, 1, False, **fp8)
     a, b = adapter.linear_in.weight, adapter.linear_out.weight
-    layout = _layout(base, kind, te)
+    layout = call_layout(base, kind, te)
     tp = _tp(base)[1] if kind != "duplicated" else 1
     bias = getattr(base, "bias", None)
     bias = bias if isinstance(bias, torch.Tensor) and bias.numel() else None

@@ -45,7 +45,7 @@ from bridge.kernels.multi_lora_linear import (
     multi_lora_shrink,
 )
 from bridge.kernels.philox import draw_seed, dropout_keep_mask
-from bridge.peft.fused_forward import _layout, _te_fp8_probe, base_kind, fused_constraints
+from bridge.peft.fused_forward import base_kind, call_layout, fused_constraints, te_fp8_probe
 from bridge.peft.tp import all2all_hp2sp, base_tp_io, group_size
 
 __all__ = ["MultiLoRAPlan", "forget_multi_lora_plan", "multi_lora_forward", "multi_lora_plan",
@@ -133,7 +133,7 @@ def _make_plan(layer, x, args, kwargs, key) -> MultiLoRAPlan:
         (layer.n_adapters <= MAX_SLOTS, f"{layer.n_adapters} slots > {MAX_SLOTS} (kernel slot "
                                         "table)")]
     te = kind is not None and is_te_module(base)
-    probe = _te_fp8_probe(base) if te else None
+    probe = te_fp8_probe(base) if te else None
     fp8 = dict(fp8_probe=probe, fp8_on=bool(probe()) if probe is not None else False)
     gemm = requested_gemm(layer.kernel_gemm)
     choice = resolve_backend(layer.kernel_backend, "multi_lora_linear", device=x.device,
@@ -144,7 +144,7 @@ def _make_plan(layer, x, args, kwargs, key) -> MultiLoRAPlan:
             "; ".join(failed)
         return MultiLoRAPlan(key, "eager", None, "eager", reason, gemm,
                              _eager_impl(layer, x.dtype), **fp8)
-    layout = {k: v for k, v in _layout(base, kind, te).items() if k in _LAYOUT_FIELDS}
+    layout = {k: v for k, v in call_layout(base, kind, te).items() if k in _LAYOUT_FIELDS}
     tp = _tp(base)[1] if kind not in ("duplicated", "linear") else 1
     return MultiLoRAPlan(key, "fused", kind, choice.name, choice.reason, gemm, "", tp, **layout,
                          **fp8)
