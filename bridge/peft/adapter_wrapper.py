@@ -82,7 +82,10 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         Megatron linears return ``(out, None)``, ``(out, bias)``, ``((out, ln_out), None)`` or
         ``(out, bias, ln_out)``; ``nn.Linear`` returns a bare tensor (its bias is already in ``out``;
         it is reported from ``to_wrap.bias`` for information, and this wrapper remembers to return
-        a bare tensor too).
+        a bare tensor too). transformer-engine's own ``LayerNormLinear`` (unwrapped) returns
+        ``(out, ln_out)`` with ``return_layernorm_output`` and ``return_bias=False`` (read as
+        the bare-tensor case: bias in ``out``, ln_out beside it), ``(out, bias, ln_out)`` with
+        both, and ``(out, bias)`` / a bare tensor without ``return_layernorm_output``.
 
         Returns:
             ``(linear_output, bias, layernorm_output)``; ``layernorm_output`` is ``x`` when the
@@ -106,6 +109,16 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         self._return_bare_tensor = False
         if isinstance(result, tuple) and len(result) == 2:
             out, bias = result
+            if isinstance(out, torch.Tensor) and isinstance(bias, torch.Tensor) \
+                    and getattr(self.to_wrap, "return_layernorm_output", False) is True:
+                # transformer-engine's own LayerNormLinear (not megatron's wrapper, whose
+                # ln output comes nested or third) with return_bias=False: (out, ln_out), its
+                # bias already in out. Without the ln output it returns a bare tensor: so does
+                # this wrapper.
+                self._return_bare_tensor = True
+                own = getattr(self.to_wrap, "bias", None)
+                own = own if isinstance(own, torch.Tensor) and own.numel() else None
+                return out, own, bias
             if isinstance(out, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)):
                 return out, bias, x
             if (
@@ -125,7 +138,8 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
                 return out, bias, ln_out
         raise BaseOutputError(
             f"{type(self.to_wrap).__name__} returned {_describe(result)}; AdapterWrapper expects "
-            "a Tensor, (out, None), (out, bias), ((out, ln_out), None) or (out, bias, ln_out)"
+            "a Tensor, (out, None), (out, bias), ((out, ln_out), None), (out, bias, ln_out) or, "
+            "from a base with return_layernorm_output=True, (out, ln_out)"
         )
 
     def wrap_output(self, out: torch.Tensor, bias: torch.Tensor | None):
