@@ -7,6 +7,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,7 +19,10 @@ from bridge.peft.walk_utils import map_modules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PEFT"]
+# upstream's type variable for a model or its virtual-pipeline chunks
+ModelType = TypeVar("ModelType", bound=nn.Module | list[nn.Module])
+
+__all__ = ["PEFT", "ModelType"]
 
 # Settings a second application of the same transform updates in place: they change how the
 # adapters run, not what their trained weights mean.

@@ -26,7 +26,7 @@ from bridge.peft.lora_merge import LoRAMerge
 from bridge.peft.tp import acc, base_tp_io
 
 __all__ = ["GEMM_STRATEGIES", "LinearAdapter", "LoRALinear", "LoRATopKRouter",
-           "patch_linear_module", "validate_gemm_strategy"]
+           "TEFusedLoRALinear", "patch_linear_module", "validate_gemm_strategy"]
 
 # How the fused path runs the big GEMMs: 'fused' (one Triton kernel, low-rank term in its
 # accumulator), 'cublas' (cuBLAS GEMM reading the low-rank term in its epilogue), 'auto' (measured).
@@ -189,6 +189,17 @@ def _check_adapter_sizes(base: nn.Module, adapter: nn.Module) -> None:
         f"the adapter ({type(adapter).__name__}) maps {k} -> {n} features but the base "
         f"({type(base).__name__}) maps {sizes[0]} -> {sizes[1]}: build the adapter from this "
         "base, e.g. LoRALinear(linear, LinearAdapter(linear))")
+
+
+class TEFusedLoRALinear(LoRALinear):
+    """Upstream's LoRA wrapper for ``config.use_transformer_engine_op_fuser`` (TP=1), where TE's
+    operation fuser runs the base GEMM and adds the LoRA branch into its output (beta=1).
+
+    Here it is a ``LoRALinear``: this package's fused path already does that fusion (and the
+    dropout and norm fusions TE's fuser does not), at every TP size, so ``LoRA`` gives this class
+    where upstream does (same ``(to_wrap, adapter)`` constructor, same state dict and
+    ``isinstance`` checks) and runs the same kernels as ``LoRALinear``.
+    """
 
 
 class LinearAdapter(nn.Module):

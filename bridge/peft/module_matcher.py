@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from bridge.peft._lazy import module_getattr, resolve
 from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.errors import PEFTConfigError
 from bridge.peft.utils import is_te_module, wildcard_match
@@ -22,24 +23,15 @@ DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
 def _megatron_linears() -> tuple[type | None, type | None]:
-    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), imported
-    on first use and kept as this module's names (so importing bridge.peft stays light)."""
+    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), read
+    from this module's names (resolved on first use by bridge.peft._lazy; patchable here)."""
     g = globals()
-    if "ColumnParallelLinear" not in g:
-        try:
-            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        except ImportError:  # megatron-core is optional: plain nn.Linear still works
-            ColumnParallelLinear = RowParallelLinear = None  # noqa: N806
-        g.setdefault("ColumnParallelLinear", ColumnParallelLinear)
-        g.setdefault("RowParallelLinear", RowParallelLinear)
-    return g["ColumnParallelLinear"], g["RowParallelLinear"]
+    return resolve(g, "ColumnParallelLinear"), resolve(g, "RowParallelLinear")
 
 
 def __getattr__(name: str):
-    if name in ("ColumnParallelLinear", "RowParallelLinear"):
-        return dict(zip(("ColumnParallelLinear", "RowParallelLinear"), _megatron_linears(),
-                        strict=True))[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # ColumnParallelLinear, RowParallelLinear, HAVE_TE, TECL, TERL (upstream's module names)
+    return module_getattr(__name__, globals(), name)
 
 
 def _linear_types() -> tuple[type, ...]:

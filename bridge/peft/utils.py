@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
+from bridge.peft._lazy import module_getattr, resolve
 from bridge.peft.adapter_init import (
     init_method_const,
     init_method_kaiming_uniform,
@@ -35,6 +38,9 @@ from bridge.peft.tp import all2all_hp2sp, group_size, pad_seq_to_mult, unpad_seq
 
 __all__ = [
     "AdapterAttributes",
+    "CheckpointPath",
+    "ModelHook",
+    "ModelList",
     "GroupedExpertLinearAdapter",
     "PackedPerExpertLinear",
     "ParallelLinearAdapter",
@@ -60,6 +66,11 @@ __all__ = [
     "wildcard_match",
 ]
 
+# upstream's type aliases (a MegatronModule is an nn.Module: megatron stays optional here)
+ModelList = list[nn.Module]
+ModelHook = Callable[[ModelList], ModelList | None]
+CheckpointPath = str | Path
+
 # transformer-engine classes, recognised by name (TE is never imported here).
 TE_LAYERNORM_COLUMN = ("TELayerNormColumnParallelLinear", "LayerNormLinear")
 TE_COLUMN = ("TEColumnParallelLinear", "TEColumnParallelGroupedLinear")
@@ -68,24 +79,15 @@ TE_LINEAR = ("TELinear", "Linear")
 
 
 def _megatron_linears() -> tuple[type | None, type | None]:
-    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), imported
-    on first use and kept as this module's names (so importing bridge.peft stays light)."""
+    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), read
+    from this module's names (resolved on first use by bridge.peft._lazy; patchable here)."""
     g = globals()
-    if "ColumnParallelLinear" not in g:
-        try:
-            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        except ImportError:  # megatron-core is optional: plain nn.Linear still works
-            ColumnParallelLinear = RowParallelLinear = None  # noqa: N806
-        g.setdefault("ColumnParallelLinear", ColumnParallelLinear)
-        g.setdefault("RowParallelLinear", RowParallelLinear)
-    return g["ColumnParallelLinear"], g["RowParallelLinear"]
+    return resolve(g, "ColumnParallelLinear"), resolve(g, "RowParallelLinear")
 
 
 def __getattr__(name: str):
-    if name in ("ColumnParallelLinear", "RowParallelLinear"):
-        return dict(zip(("ColumnParallelLinear", "RowParallelLinear"), _megatron_linears(),
-                        strict=True))[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # ColumnParallelLinear, RowParallelLinear, HAVE_TE, TECL, TERL (upstream's module names)
+    return module_getattr(__name__, globals(), name)
 
 
 @dataclass(frozen=True)
