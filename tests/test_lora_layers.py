@@ -1,12 +1,12 @@
-"""LoRALinear, LinearAdapter, ParallelLinearAdapter (no megatron), argument checks, name matching
-and base-linear introspection (TE-shaped stand-ins; transformer-engine is never imported)."""
+"""LoRALinear, LinearAdapter, ParallelLinearAdapter, argument checks, name matching and base-linear
+introspection (megatron-core's linears and tests/te_standins.py's TE wrappers at TP=1;
+transformer-engine is never imported)."""
 
 from __future__ import annotations
 
 import math
 import re
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -454,6 +454,36 @@ def test_parallel_linear_adapter_expert_keeps_the_base_parallel_state():
     assert adapter.is_expert and adapter.explicit_comm
 
 
+@pytest.mark.usefixtures("megatron_tp1")
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_adapter_linears_get_the_bases_tp_group_without_megatrons_warning(kind, recwarn):
+    """The adapter's Column/RowParallelLinears are built on the base's own TP group (a group of
+    its own here, not megatron's default), so megatron's "tp_group is None ... mandatory"
+    DeprecationWarning is never raised for them."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from tests.megatron_utils import make_config
+
+    cfg = make_config(hidden_size=K)
+    ColumnParallelLinear(K, N, config=cfg, init_method=nn.init.normal_, bias=False)
+    assert any("tp_group is None" in str(w.message) for w in recwarn), \
+        "megatron no longer warns for a missing tp_group: this test proves nothing"
+    group = dist.new_group([0])
+    common = dict(config=cfg, init_method=nn.init.normal_, bias=False, tp_group=group)
+    base = ColumnParallelLinear(K, N, gather_output=False, **common) if kind == "column" else \
+        RowParallelLinear(K, N, input_is_parallel=True, skip_bias_add=True, **common)
+    assert base.tp_group is group
+    recwarn.clear()
+    model = nn.Module()
+    model.linear_fc1 = base
+    LoRA(target_modules=["linear_fc1"], dim=R)(model)
+    adapter = model.linear_fc1.adapter
+    assert not [str(w.message) for w in recwarn if "tp_group" in str(w.message)]
+    assert adapter.tp_group is group
+    assert adapter.linear_in.tp_group is group and adapter.linear_out.tp_group is group
+
+
 def test_unknown_kernel_backend():
     msg = r"unknown kernel_backend 'foo'; expected one of auto, cuda, triton, eager"
     with pytest.raises(ValueError, match=msg):
@@ -538,41 +568,39 @@ def test_is_expert_linear(fqn, expected):
     assert is_expert_linear(fqn) is expected
 
 
-# ---- transformer-engine stand-ins (recognised by class name and attributes) ---------------------
+# ---- transformer-engine bases (tests/te_standins.py's, recognised by class name and attributes) --
 def attributes(input_is_parallel, k, n, disable_sp, parallel, disable_tp=False):
     return AdapterAttributes(input_is_parallel=input_is_parallel, in_features=k, out_features=n,
                              disable_tensor_parallel_comm=disable_tp,
                              disable_sequence_parallel_comm=disable_sp,
                              base_linear_is_parallel=parallel)
 
-class _TEBase(nn.Module):
-    def __init__(self, in_features=16, out_features=24, sequence_parallel=False, **attrs):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.config = SimpleNamespace(sequence_parallel=sequence_parallel)
-        for k, v in attrs.items():
-            setattr(self, k, v)
+def te_base(kind: str, sequence_parallel=False, **config):
+    """tests/te_standins.py's megatron TE wrapper of ``kind`` ("lncol" | "column" | "row" |
+    "duplicated" | "linear:column" | "linear:row" for TELinear), 16 -> 24 features, at TP=1 (no
+    process group needed). ``sequence_parallel`` is set on the config after its validation,
+    which refuses SP without TP: the partitioned sizes are the full sizes at TP=1."""
+    pytest.importorskip("megatron.core", reason="megatron-core not installed")
+    from tests import te_standins as te
+    from tests.megatron_utils import make_config
 
-
-class TELayerNormColumnParallelLinear(_TEBase):
-    pass
-
-
-class TEColumnParallelLinear(_TEBase):
-    pass
-
-
-class TERowParallelLinear(_TEBase):
-    pass
-
-
-class TELinear(_TEBase):
-    pass
+    cfg = make_config(hidden_size=16, **config)
+    cfg.sequence_parallel = sequence_parallel
+    common = dict(config=cfg, init_method=nn.init.normal_, bias=False, skip_bias_add=False)
+    if kind == "lncol":
+        return te.TELayerNormColumnParallelLinear(16, 24, gather_output=False, is_expert=False,
+                                                  tp_comm_buffer_name="qkv", **common)
+    if kind == "column":
+        return te.TEColumnParallelLinear(16, 24, gather_output=False, is_expert=False, **common)
+    if kind == "row":
+        return te.TERowParallelLinear(16, 24, input_is_parallel=True, is_expert=False, **common)
+    mode = kind.removeprefix("linear:")  # TELinear itself, as MLA's projections use it
+    return te.TELinear(16, 24, parallel_mode=mode, skip_weight_param_allocation=False, **common)
 
 
 @pytest.mark.parametrize("sp", [False, True])
 def test_te_layernorm_column_stand_in(sp):
-    m = TELayerNormColumnParallelLinear(sequence_parallel=sp)
+    m = te_base("lncol", sequence_parallel=sp)
     attrs = get_adapter_attributes_from_linear(m)
     # returned ungathered (TE drops a gathered one's gradient): with SP the adapter gathers it
     assert attrs == attributes(False, 16, 24, not sp, True)
@@ -581,7 +609,7 @@ def test_te_layernorm_column_stand_in(sp):
 
 
 def test_te_layernorm_column_stand_in_with_ub_overlap_keeps_the_adapter_gather():
-    m = TELayerNormColumnParallelLinear(sequence_parallel=True, ub_overlap_ag=True)
+    m = te_base("lncol", sequence_parallel=True, tp_comm_overlap=True)
     assert get_adapter_attributes_from_linear(m) == attributes(False, 16, 24, False, True)
     assert m.return_layernorm_output is True
     assert not getattr(m, "return_layernorm_output_gathered", False)
@@ -590,25 +618,28 @@ def test_te_layernorm_column_stand_in_with_ub_overlap_keeps_the_adapter_gather()
 @pytest.mark.parametrize("sp", [False, True])
 def test_te_column_and_row_stand_ins(sp):
     # At tensor-parallel size 1 the partitioned sizes are the full sizes.
-    assert get_adapter_attributes_from_linear(TEColumnParallelLinear(sequence_parallel=sp)) == \
+    assert get_adapter_attributes_from_linear(te_base("column", sequence_parallel=sp)) == \
         attributes(False, 16, 24, not sp, True)
-    assert get_adapter_attributes_from_linear(TERowParallelLinear(sequence_parallel=sp)) == \
+    assert get_adapter_attributes_from_linear(te_base("row", sequence_parallel=sp)) == \
         attributes(True, 16, 24, not sp, True)
 
 
 def test_te_linear_stand_in_duplicated_and_by_parallel_mode():
-    assert get_adapter_attributes_from_linear(TELinear()) == attributes(False, 16, 24, True, False)
-    assert get_adapter_attributes_from_linear(TELinear(parallel_mode="column")) == attributes(
+    # megatron hands TE parallel_mode=None for a duplicated TELinear: no TP communication at all
+    assert get_adapter_attributes_from_linear(te_base("duplicated")) == attributes(
+        False, 16, 24, True, False, disable_tp=True)
+    assert get_adapter_attributes_from_linear(te_base("linear:column")) == attributes(
         False, 16, 24, True, True)
-    assert get_adapter_attributes_from_linear(TELinear(parallel_mode="row")) == attributes(
+    assert get_adapter_attributes_from_linear(te_base("linear:row")) == attributes(
         True, 16, 24, True, True)
 
 
 def test_te_base_without_tp_communication_is_flagged():
     """parallel_mode=None (MoE shared experts with overlap): TP-sharded weights, no TP
     communication in the base, so none in the adapter's sequence path either."""
-    attrs = get_adapter_attributes_from_linear(TEColumnParallelLinear(sequence_parallel=True,
-                                                                      parallel_mode=None))
+    m = te_base("column", sequence_parallel=True)
+    m.parallel_mode = None  # what megatron's TELinear hands TE for explicit expert communication
+    attrs = get_adapter_attributes_from_linear(m)
     assert attrs.disable_tensor_parallel_comm and attrs.disable_sequence_parallel_comm
 
 
@@ -625,14 +656,13 @@ def test_duplicated_te_linear_adapter_grads_are_marked_for_the_tp_reduction(sp):
     from bridge.peft import DoRA
 
     model = nn.Module()
-    model.linear_q_down_proj = TELinear(sequence_parallel=sp)
+    model.linear_q_down_proj = te_base("duplicated", sequence_parallel=sp)
     LoRA(target_modules=["linear_q_down_proj"], dim=2)(model)
     adapter = model.linear_q_down_proj.adapter
     for p in (adapter.linear_in.weight, adapter.linear_out.weight):
         assert getattr(p, "sequence_parallel", False) is sp
     model = nn.Module()
-    model.linear_q_down_proj = TELinear(sequence_parallel=sp)
-    model.linear_q_down_proj.weight = nn.Parameter(torch.randn(24, 16))
+    model.linear_q_down_proj = te_base("duplicated", sequence_parallel=sp)
     DoRA(target_modules=["linear_q_down_proj"], dim=2)(model)
     adapter = model.linear_q_down_proj.adapter
     for p in (adapter.linear_in.weight, adapter.linear_out.weight, adapter.weight_magnitude):

@@ -23,33 +23,17 @@ from bridge.kernels.backend import BackendUnavailableError
 from bridge.kernels.philox import dropout_keep_mask
 
 from tests.conftest import KERNEL_DEVICE as DEV
-from tests.conftest import rel_err as _rel
 from tests.conftest import requires_kernel_device
+from tests.numerics import dtype_tol, grads, lora_inputs, rel_err
 
 pytestmark = requires_kernel_device()
 
-# Relative-error tolerance per dtype: about 1 ulp of the storage type (bf16 2^-7, fp16 2^-10;
-# outputs are rounded once, to nearest, from fp32 accumulators), fp32 far above its rounding.
-TOLS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SEED = 1234
 
 
-
-def _inputs(lead, k, n, r, dtype, *, bias=True, gen_seed=0, device=DEV):
-    """Fresh random inputs at the scale of a real layer (never zeros), drawn on the CPU (the same
-    values on every device) and placed on ``device``."""
-    g = torch.Generator().manual_seed(gen_seed)
-    on = lambda t: t.to(device=device, dtype=dtype)
-    x = on(torch.randn(*lead, k, generator=g)).requires_grad_()
-    w = on(torch.randn(n, k, generator=g) / k**0.5)
-    b = on(torch.randn(n, generator=g)).requires_grad_() if bias else None
-    a = on(torch.randn(r, k, generator=g) / k**0.5).requires_grad_()
-    bb = on(torch.randn(n, r, generator=g)).requires_grad_()
-    return x, w, b, a, bb
-
-
-def _grads(*ts):
-    return [None if t is None else t.grad for t in ts]
+def _inputs(lead, k, n, r, dtype, *, bias=True, device=DEV):
+    """tests/numerics.lora_inputs (seed 0) on the kernel device."""
+    return lora_inputs(lead, k, n, r, dtype, bias=bias, device=device)
 
 
 def _check_against_ref(x, w, b, a, bb, *, scale, p, pos, skip_bias_add=False, seed=SEED,
@@ -68,9 +52,9 @@ def _check_against_ref(x, w, b, a, bb, *, scale, p, pos, skip_bias_add=False, se
     y_ref = lora_linear_ref(r64[0], w.double(), r64[1], r64[2], r64[3], scale=scale, dropout=p,
                             dropout_mask=mask, dropout_position=pos, skip_bias_add=skip_bias_add)
     y_ref.backward(dy.double())
-    tol = TOLS[x.dtype]
+    tol = dtype_tol(x.dtype)  # one op: about 1 ulp of the storage type
     assert y.dtype == x.dtype and y.shape == y_ref.shape
-    errs = {"y": _rel(y, y_ref)}
+    errs = {"y": rel_err(y, y_ref)}
     for name, t, t_ref in zip(("dx", "dbias", "dA", "dB"), (x, b, a, bb), r64, strict=True):
         if t is None:
             continue
@@ -78,7 +62,7 @@ def _check_against_ref(x, w, b, a, bb, *, scale, p, pos, skip_bias_add=False, se
             assert t.grad is None  # the bias is not part of y
             continue
         assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
-        errs[name] = _rel(t.grad, t_ref.grad)
+        errs[name] = rel_err(t.grad, t_ref.grad)
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
 
@@ -153,12 +137,12 @@ def test_expanded_dy_matches_dense(gemm):
     x, w, b, a, bb = _inputs((3, 5), 40, 24, 8, torch.float32)
     y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, seed=3, backend="triton", gemm=gemm)
     y.sum().backward()
-    expanded = _grads(x, b, a, bb)
+    expanded = grads(x, b, a, bb)
     for t in (x, b, a, bb):
         t.grad = None
     y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.1, seed=3, backend="triton", gemm=gemm)
     y.backward(torch.ones_like(y))
-    for g1, g2 in zip(expanded, _grads(x, b, a, bb), strict=True):
+    for g1, g2 in zip(expanded, grads(x, b, a, bb), strict=True):
         assert torch.equal(g1, g2)
 
 
@@ -183,7 +167,7 @@ def test_same_seed_bitwise_new_seed_differs(pos):
         y = lora_linear(x, w, b, a, bb, scale=0.5, dropout=0.3, dropout_position=pos,
                         seed=seed, backend="triton")
         y.backward(torch.ones_like(y))
-        return [y.detach(), *_grads(x, b, a, bb)]
+        return [y.detach(), *grads(x, b, a, bb)]
 
     first, again, other = run(11), run(11), run(12)
     assert all(torch.equal(u, v) for u, v in zip(first, again, strict=True))
@@ -282,12 +266,12 @@ def test_torch_compile_fullgraph(gemm):
     compiled = torch.compile(f, fullgraph=True)
     y = compiled(x, w, b, a, bb)
     y.sum().backward()
-    got = [y.detach(), *_grads(x, b, a, bb)]
+    got = [y.detach(), *grads(x, b, a, bb)]
     for t in (x, b, a, bb):
         t.grad = None
     y = f(x, w, b, a, bb)
     y.sum().backward()
-    for u, v in zip(got, [y.detach(), *_grads(x, b, a, bb)], strict=True):
+    for u, v in zip(got, [y.detach(), *grads(x, b, a, bb)], strict=True):
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
 
 
@@ -370,9 +354,9 @@ def test_non_contiguous_parameters(pos, gemm):
                                 r64[2].t(), scale=0.5, dropout=0.1, dropout_mask=mask,
                                 dropout_position=pos)
         y_ref.backward(dy.double())
-        assert _rel(y, y_ref) < 1e-5
+        assert rel_err(y, y_ref) < dtype_tol(torch.float32)
         for t, t_ref in zip((x, a_t, b_t), r64, strict=True):
-            assert _rel(t.grad, t_ref.grad) < 1e-5
+            assert rel_err(t.grad, t_ref.grad) < dtype_tol(torch.float32)
 
 
 def test_opcheck_empty_batch_non_contiguous_lora_b():
