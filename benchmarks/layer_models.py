@@ -19,20 +19,32 @@ TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 SPECS = ("mcore-local", "mcore-te", "te-standin", "torch")
 
 
+def _importable(name: str) -> bool:
+    """Whether module ``name`` can be imported, without importing it. ``find_spec("a.b")``
+    imports ``a`` and raises ModuleNotFoundError when ``a`` itself is absent, so each parent is
+    looked up first."""
+    parts = name.split(".")
+    try:
+        return all(importlib.util.find_spec(".".join(parts[:i])) is not None
+                   for i in range(1, len(parts) + 1))
+    except (ImportError, ValueError):  # a parent that fails to import, or has no __spec__
+        return False
+
+
 def spec_available(spec: str, device: str) -> tuple[bool, str]:
     """Whether the layer ``spec`` can be built here, and why not."""
     if spec not in SPECS:
         return False, f"unknown spec {spec!r}; expected one of {', '.join(SPECS)}"
     if spec == "torch":
         return True, ""
-    if importlib.util.find_spec("megatron.core") is None:
+    if not _importable("megatron.core"):
         return False, "megatron-core is not installed"
     if spec == "mcore-te":
         if device != "cuda":
             return False, "transformer-engine runs on a CUDA GPU only"
-        if importlib.util.find_spec("transformer_engine") is None:
+        if not _importable("transformer_engine"):
             return False, "transformer-engine is not installed"
-    if spec == "te-standin" and importlib.util.find_spec("tests.te_standins") is None:
+    if spec == "te-standin" and not _importable("tests.te_standins"):
         return False, "tests/te_standins.py is not importable (run from the repository root)"
     return True, ""
 
