@@ -119,6 +119,7 @@ class _SelfPlanning(AdapterWrapper):
 
 def test_other_wrappers_switched_off_merged_and_failing_requests():
     from bridge.peft import DoRA, LinearAdapter, LoRA, LoRALinear, kernel_report, merge_lora
+    from bridge.peft.fused_forward import training_plan
     from tests import te_standins as te
     from tests.megatron_utils import make_config
 
@@ -145,12 +146,11 @@ def test_other_wrappers_switched_off_merged_and_failing_requests():
     chunks = [model, dmodel]
     with te.fp8_autocast():
         rows = {r.name: r for r in kernel_report(chunks)}
-        dup_plan = model.dup.training_plan()  # ExpertLoRALinear's own
+        dup_plan = training_plan(model.dup)  # a duplicated TE base is a LoRALinear
     assert set(rows) == {f"chunk0.{n}" for n in ("off", "merged", "req", "lin", "own", "dup")} | {
         "chunk1.dora"}
     r, (plan, source) = rows["chunk0.dup"], dup_plan
-    assert (r.adapter, r.path, r.reason, r.source) == ("LoRA (expert)", "eager", plan.reason,
-                                                       source), r
+    assert (r.adapter, r.path, r.reason, r.source) == ("LoRA", "eager", plan.reason, source), r
     assert "fp8_autocast is active" in r.reason
     r = rows["chunk0.own"]  # a wrapper that plans itself (training_plan), as MultiLoRA does
     assert (r.adapter, r.path, r.backend, r.gemm, r.layout, r.reason, r.source) == (

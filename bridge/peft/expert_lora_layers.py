@@ -15,11 +15,26 @@ when the backend resolves to a fused one (``kernel_backend`` / ``BRIDGE_KERNEL_B
 the eager path, with the reason. The decision is taken once per module and key (shapes, dtypes,
 backend requests, environment) and kept as an ``ExpertPlan``; ``training_plan()`` returns the
 plan a training forward takes, for ``bridge.peft.kernel_report``.
+
+The fused path returns what the base returns (``bridge.peft.fused_forward.call_layout``'s rules):
+a bare tensor for a bare-tensor base (``nn.Linear``, TE's own ``Linear`` / ``GroupedLinear``
+without ``return_bias``), else ``(y, bias)`` with the bias added in the GEMM or returned beside y
+as ``skip_bias_add`` / TE's ``return_bias`` (megatron's ``te_return_bias``) says. A TE base's fp8
+state (``fp8_autocast``) is asked at every call, as LoRALinear's fused path does: a plan made
+outside fp8_autocast is not reused inside it, nor the other way round.
+
+Only bases whose TP communication is truly elsewhere get this wrapper (``LoRA`` routes them):
+expert linears, and shared experts under ``moe_shared_expert_overlap`` (megatron-core 0.16 sets
+``parallel_mode = None`` on their TE linears, ``explicit_expert_comm = True`` on its own, keeping
+the TP-sharded weights: the adapter's contracted-side factor must be gathered). A base without TP
+communication whose weight is whole (TE ``parallel_mode=None`` / megatron's duplicated TELinear)
+is a LoRALinear's 'duplicated' fused case.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +85,10 @@ class ExpertPlan:
     reason: str
     gemm: str
     path: str = "eager"  # fused | eager (kernel_report reads it)
+    skip_bias_add: bool = False  # the bias (or per-expert biases) returned beside y, not added
+    bare: bool = False  # the base returns a bare tensor
+    fp8_probe: Callable[[], bool] | None = None  # TE's "fp8 on now?", re-asked per call
+    fp8_on: bool = False  # its answer when this plan was made
 
 
 def _base_kind(base: nn.Module) -> tuple[str | None, str]:
@@ -132,8 +151,32 @@ def expert_constraints(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs:
     return kind, checks
 
 
+def _call_layout(base: nn.Module) -> dict:
+    """What the base returns: ``skip_bias_add`` (bias beside y) and ``bare`` (no tuple)."""
+    from bridge.peft.fused_forward import call_layout
+    from bridge.peft.utils import is_te_module
+
+    if is_grouped_linear(base):
+        wrapped = getattr(base, "te_return_bias", None)  # megatron's wrapper: always a tuple
+        returned = bool(getattr(base, "return_bias", False) if wrapped is None else wrapped)
+        return dict(skip_bias_add=returned, bare=wrapped is None and not returned)
+    if is_te_module(base):
+        # TE Linear's return_bias rules; 'column' only selects them (no norm, no duplicated
+        # GEMM agreement: the expert path passes its own group)
+        layout = call_layout(base, "column", True)
+        return dict(skip_bias_add=layout["skip_bias_add"], bare=layout["bare"])
+    if isinstance(base, nn.Linear):
+        return dict(skip_bias_add=False, bare=True)
+    return dict(skip_bias_add=bool(getattr(base, "skip_bias_add", False)), bare=False)
+
+
 def _choose(wrapper, x, args, kwargs, key) -> ExpertPlan:
+    from bridge.peft.fused_forward import te_fp8_probe
+    from bridge.peft.utils import is_te_module
+
     kind, checks = expert_constraints(wrapper, x, args, kwargs)
+    probe = te_fp8_probe(wrapper.to_wrap) if is_te_module(wrapper.to_wrap) else None
+    fp8 = dict(fp8_probe=probe, fp8_on=bool(probe()) if probe is not None else False)
     gemm = requested_gemm(wrapper.kernel_gemm)
     op = "grouped_lora_linear" if kind == "grouped" else "lora_linear"
     choice = resolve_backend(wrapper.kernel_backend, op, device=x.device, dtype=x.dtype,
@@ -142,10 +185,15 @@ def _choose(wrapper, x, args, kwargs, key) -> ExpertPlan:
         failed = [why for ok, why in checks if not ok]
         reason = choice.reason if not failed or choice.reason.startswith("requested") else \
             "; ".join(failed)
-        return ExpertPlan(key, None, "eager", reason, gemm)
+        return ExpertPlan(key, None, "eager", reason, gemm, **fp8)
     # the grouped op has one GEMM strategy: the low-rank term in the grouped GEMM's accumulator
     return ExpertPlan(key, kind, choice.name, choice.reason,
-                      "fused" if kind == "grouped" else gemm, path="fused")
+                      "fused" if kind == "grouped" else gemm, path="fused",
+                      **_call_layout(wrapper.to_wrap), **fp8)
+
+
+def _fp8_changed(plan: ExpertPlan) -> bool:
+    return plan.fp8_probe is not None and plan.fp8_probe() != plan.fp8_on
 
 
 class ExpertLoRALinear(LoRALinear):
@@ -203,25 +251,28 @@ class ExpertLoRALinear(LoRALinear):
             splits = args[0] if args else kwargs["m_splits"]
             biases = [getattr(base, f"bias{i}") for i in range(base.num_gemms)] \
                 if getattr(base, "use_bias", False) else None
-            returned = bool(getattr(base, "te_return_bias", getattr(base, "return_bias", False)))
             y = grouped_lora_linear(
-                x, _weights(base), None if returned else biases, a, b, splits,
+                x, _weights(base), None if plan.skip_bias_add else biases, a, b, splits,
                 scale=adapter.scale, dropout=adapter.dropout_p, dropout_position=
                 adapter.dropout_position, training=self.training, backend=plan.backend)
-            bias = [t.to(x.dtype) for t in biases] if returned and biases else None
-            self._return_bare_tensor = not hasattr(base, "te_return_bias") and not returned
-            return y if self._return_bare_tensor else (y, bias)
+            # TE returns every expert's bias (its empty one for bias=False) in the input dtype
+            bias = [getattr(base, f"bias{i}").to(x.dtype) for i in range(base.num_gemms)] \
+                if plan.skip_bias_add else None
+            return self._returned(y, bias, plan)
         from bridge.kernels.lora_linear import lora_linear_fused
 
         bias = getattr(base, "bias", None)
         bias = bias if isinstance(bias, torch.Tensor) and bias.numel() else None
-        skip = bool(getattr(base, "skip_bias_add", getattr(base, "te_return_bias", False)))
         group = getattr(adapter, "tp_group", None)
-        y = lora_linear_fused(x, base.weight, None if skip else bias, a, b, scale=adapter.scale,
-                              p=p, post=post, gemm=plan.gemm,
+        y = lora_linear_fused(x, base.weight, None if plan.skip_bias_add else bias, a, b,
+                              scale=adapter.scale, p=p, post=post, gemm=plan.gemm,
                               gemm_group=group if group_size(group) > 1 else None)
-        self._return_bare_tensor = False
-        return y, (bias if skip else None)
+        return self._returned(y, bias if plan.skip_bias_add else None, plan)
+
+    def _returned(self, y: torch.Tensor, bias, plan: ExpertPlan):
+        if self._return_bare_tensor is not plan.bare:  # nn.Module.__setattr__ is slow
+            self._return_bare_tensor = plan.bare
+        return y if plan.bare else (y, bias)
 
     # ---- the decision, once per key -------------------------------------------------------------
     def _key(self, x: torch.Tensor, has_args: bool, training: bool) -> tuple:
@@ -238,7 +289,7 @@ class ExpertLoRALinear(LoRALinear):
             return _choose(self, x, args, kwargs, ())
         key = self._key(x, bool(args or kwargs), self.training)
         plan = self.__dict__.get(self._PLAN)
-        if plan is None or plan.key != key:
+        if plan is None or plan.key != key or _fp8_changed(plan):
             plan = _choose(self, x, args, kwargs, key)
             self.__dict__[self._PLAN] = plan
         return plan
@@ -255,7 +306,7 @@ class ExpertLoRALinear(LoRALinear):
         args = ([1] + [0] * (self.to_wrap.num_gemms - 1),) if grouped else ()
         key = self._key(x, grouped, True)
         old = self.__dict__.get(self._PLAN)
-        if old is not None and old.key == key:
+        if old is not None and old.key == key and not _fp8_changed(old):
             return old, "last forward"
         return _choose(self, x, args, {}, key), "planned"
 

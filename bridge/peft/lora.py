@@ -103,9 +103,10 @@ class LoRA(PEFT, ModuleMatcher):
 
     A matched MoE router (``TopKRouter``) gets a ``LoRATopKRouter``; a plain ``nn.Linear`` a
     ``LoRALinear`` with a ``LinearAdapter``; an expert linear (SequentialMLP's per-expert linears,
-    a grouped expert linear) or a base without TP communication of its own (shared experts with
-    ``moe_shared_expert_overlap``) an ``ExpertLoRALinear`` (bridge.peft.expert_lora_layers), whose
-    adapter keeps the base's parallel state.
+    a grouped expert linear) or a TP-sharded base whose communication is elsewhere (shared
+    experts with ``moe_shared_expert_overlap``) an ``ExpertLoRALinear``
+    (bridge.peft.expert_lora_layers), whose adapter keeps the base's parallel state; any other
+    linear (a duplicated TE linear included) a ``LoRALinear``.
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -197,9 +198,23 @@ class LoRA(PEFT, ModuleMatcher):
                 params_dtype=self.lora_dtype, tp_group=tp_group, **common)
         if is_router(module):
             return LoRATopKRouter(module, adapter)
-        if is_expert or attrs.disable_tensor_parallel_comm:
+        if is_expert or _sharded_without_comm(adapter):
             return ExpertLoRALinear(module, adapter, **wrapper)
         return LoRALinear(module, adapter, **wrapper)
+
+
+def _sharded_without_comm(adapter: nn.Module) -> bool:
+    """A base whose weight is TP-sharded but whose TP communication happens elsewhere: megatron's
+    shared experts with ``moe_shared_expert_overlap`` (megatron-core 0.16 resets their TE linears'
+    ``parallel_mode`` to None, or sets its own linears' ``explicit_expert_comm``; the dispatcher
+    communicates). Its adapter has megatron factors with explicit communication (the
+    contracted-side factor gathered), which ExpertLoRALinear's paths keep; LoRALinear's fused path
+    would read such a TE base as a duplicated one and use the sharded factor as a whole one.
+
+    A base without TP communication whose weight is whole (TE ``parallel_mode=None``, megatron's
+    duplicated TELinear) gets plain factors: it is LoRALinear's ('duplicated' fused case, with
+    TE's return_bias / bare returns / per-call fp8 probe)."""
+    return bool(getattr(adapter, "explicit_comm", False) and getattr(adapter, "_megatron", False))
 
 
 @dataclass
