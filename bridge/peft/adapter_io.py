@@ -41,8 +41,10 @@ class AdapterLoadError(ValueError):
 
 
 def is_adapter_key(key: str) -> bool:
-    """Whether a state-dict key is an adapter tensor (under an ``adapter.`` segment)."""
-    return ".adapter." in key or key.startswith("adapter.")
+    """Whether a state-dict key is an adapter tensor (under an ``adapter.`` segment, or a
+    MultiLoRA slot's ``adapters.<i>.``)."""
+    return ".adapter." in key or key.startswith("adapter.") or ".adapters." in key \
+        or key.startswith("adapters.")
 
 
 def _wrappers(model: nn.Module):
@@ -58,15 +60,27 @@ def _key(layer: str, rest: str) -> str:
 def adapter_settings(wrapper: nn.Module) -> dict:
     """What a wrapped layer's adapters compute with: ``{"wrapper": class name, "adapters":
     {path below .adapter ('' for the adapter itself): {"kind", "dim", "alpha", "dropout",
-    "dropout_position"}}}``, for each adapter module that has a rank and an alpha."""
+    "dropout_position"}}}``, for each adapter module that has a rank and an alpha, and for
+    each MultiLoRA slot (path ``adapters.<i>``: the slot's rank and alpha)."""
     adapters = {}
-    adapter = getattr(wrapper, "adapter", None)  # MultiLoRA keeps slots instead (none here)
+    adapter = getattr(wrapper, "adapter", None)
     for path, m in adapter.named_modules() if isinstance(adapter, nn.Module) else ():
         if isinstance(getattr(m, "dim", None), int) and getattr(m, "alpha", None) is not None:
-            adapters[path] = {"kind": type(m).__name__, "dim": m.dim, "alpha": float(m.alpha),
-                              "dropout": float(getattr(m, "dropout_p", 0.0)),
-                              "dropout_position": getattr(m, "dropout_position", "pre")}
+            adapters[path] = _module_settings(m, m.dim, m.alpha)
+    slots = getattr(wrapper, "adapters", None)
+    ranks, alphas = getattr(wrapper, "_slot_rank", None), getattr(wrapper, "_slot_alpha", None)
+    if isinstance(slots, nn.ModuleList) and isinstance(ranks, list) and isinstance(alphas, list):
+        # MultiLoRA: each slot's rank and alpha live on the layer (init_adapter_slot), not in
+        # its (non-persistent, as upstream's) buffers: recorded here so a load can check them
+        for i, slot in enumerate(slots):
+            adapters[f"adapters.{i}"] = _module_settings(slot, int(ranks[i]), alphas[i])
     return {"format": _SETTINGS_FORMAT, "wrapper": type(wrapper).__name__, "adapters": adapters}
+
+
+def _module_settings(m: nn.Module, dim: int, alpha) -> dict:
+    return {"kind": type(m).__name__, "dim": dim, "alpha": float(alpha),
+            "dropout": float(getattr(m, "dropout_p", 0.0)),
+            "dropout_position": getattr(m, "dropout_position", "pre")}
 
 
 def _encode(settings: dict) -> torch.Tensor:
@@ -94,9 +108,9 @@ def adapter_state_dict(model: nn.Module, key_filter: Callable[[str], bool] | Non
     out = {k: v.detach() for k, v in model.state_dict().items()
            if key_filter(k) and isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     for name, wrapper in _wrappers(model):
-        prefix = _key(name, "adapter.")
+        prefixes = (_key(name, "adapter."), _key(name, "adapters."))
         settings = adapter_settings(wrapper)
-        if settings["adapters"] and any(k.startswith(prefix) for k in out):
+        if settings["adapters"] and any(k.startswith(prefixes) for k in out):
             out[_key(name, SETTINGS_KEY)] = _encode(settings)
     return out
 
