@@ -14,7 +14,10 @@ The merge functions know no adapter type: each wrapper computes its own merged w
 LoRA its parts' deltas in the fused layer's row layout, DoRA rescales rows by m / ||W + s·B@A||.
 ``merge_lora`` merges in place and switches the adapter off (the wrapper then computes the base
 alone, whose weight now holds the adapter); ``unmerge_lora`` switches it back on;
-``merge_and_unload`` returns the model without wrappers.
+``merge_and_unload`` returns the model without wrappers. A wrapper whose base holds several
+weights (``merge_targets()``: a grouped expert linear's ``weight0 .. weight{E-1}``) returns them
+stacked [E, N, K] from ``merged_weight()``; each is merged, kept and restored on its own
+(SequentialMLP's expert linears are ordinary one-weight bases).
 
 Exact unmerge: merging rounds W + delta to W's dtype, which loses low bits of W wherever the
 delta is larger than W's last bits (bf16 and fp32 alike), so no arithmetic recovers W from the
@@ -152,31 +155,54 @@ def _changed(module: AdapterWrapper, fingerprint) -> bool:
         not torch.equal(tensors[k], old_tensors[k]) for k in tensors)
 
 
+def _targets(module: AdapterWrapper) -> list[torch.Tensor]:
+    """The base weights a merge overwrites: the wrapper's ``merge_targets()`` (a grouped expert
+    base's ``weight0 .. weight{E-1}``), else the base's one weight."""
+    targets = getattr(module, "merge_targets", None)
+    return list(targets()) if callable(targets) else [module.to_wrap.weight]
+
+
+def _per_target(name: str, new: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``new`` (one weight, or [E, ...] stacked for E targets) as one tensor per target."""
+    if len(targets) == 1 and new.shape == targets[0].shape:
+        return [new]
+    if len(targets) > 1 and new.dim() == targets[0].dim() + 1 and new.shape[0] == len(targets):
+        parts = list(new.unbind(0))
+        for weight, part in zip(targets, parts, strict=True):
+            _check_shape(name, weight, part)
+        return parts
+    raise MergeError(f"cannot merge {name}: the merged weight has shape {tuple(new.shape)} but "
+                     f"the base holds {len(targets)} weight(s) of shape "
+                     f"{tuple(targets[0].shape)}")
+
+
 def _merge_one(module: AdapterWrapper, name: str, *, keep_base: str | None = "cpu",
                remember: bool = True) -> None:
     if getattr(module, "_lora_merged", False):
         raise MergeError(f"{name or type(module).__name__} is already merged; "
                          "unmerge_lora it first")
-    weight = module.to_wrap.weight
+    targets = _targets(module)
     with torch.no_grad():
         try:
             new = module.merged_weight()
         except ValueError as err:  # the wrapper names the shapes that do not fit
             raise MergeError(f"cannot merge {name}: {err}") from err
-        _check_shape(name, weight, new)
+        parts = _per_target(name, new, targets)
         kept = None
         if remember and keep_base == "cpu":
-            kept = weight.detach().to("cpu", copy=True)
+            kept = [w.detach().to("cpu", copy=True) for w in targets]
         elif remember and keep_base == "device":
-            kept = weight.detach().clone()
-        weight.copy_(new)
+            kept = [w.detach().clone() for w in targets]
+        for weight, part in zip(targets, parts, strict=True):
+            weight.copy_(part)
     state = module.__dict__
     if kept is not None:
-        state["_merge_kept_base"] = kept
+        # one tensor for a one-weight base; a grouped base's list, one per expert weight
+        state["_merge_kept_base"] = kept[0] if len(kept) == 1 else kept
         state.pop("_dora_merge_norm", None)  # the kept base makes DoRA's inverse unnecessary
     elif remember:
         state["_merge_fingerprint"] = _fingerprint(module)
-    state["_merge_weight_version"] = weight._version
+    state["_merge_weight_version"] = [w._version for w in targets]
     module._lora_merged = True
     module._enabled_before_merge = module.adapter_enabled
     module.disable_adapter_layers()
@@ -185,9 +211,8 @@ def _merge_one(module: AdapterWrapper, name: str, *, keep_base: str | None = "cp
 def _unmerge_problem(module: AdapterWrapper, name: str) -> str | None:
     """Why unmerging ``module`` now would lose data (None: it is safe)."""
     state = module.__dict__
-    weight = module.to_wrap.weight
-    version = state.get("_merge_weight_version")
-    if version is not None and weight._version != version:
+    versions = state.get("_merge_weight_version")
+    if versions is not None and [w._version for w in _targets(module)] != versions:
         return (f"{name}: its merged base weight was changed in place after merge_lora; "
                 "unmerging would discard that change (merge_and_unload keeps the weights as "
                 "they are)")
@@ -202,13 +227,18 @@ def _unmerge_problem(module: AdapterWrapper, name: str) -> str | None:
 
 
 def _unmerge_one(module: AdapterWrapper, name: str) -> None:
-    weight = module.to_wrap.weight
+    targets = _targets(module)
     kept = module.__dict__.get("_merge_kept_base")
     with torch.no_grad():
         if kept is not None:
-            weight.copy_(kept)
+            for weight, old in zip(targets, kept if isinstance(kept, list) else [kept],
+                                   strict=True):
+                weight.copy_(old)
         else:
-            weight.copy_(module.unmerged_weight(weight))
+            merged = targets[0] if len(targets) == 1 else torch.stack(targets)
+            parts = _per_target(name, module.unmerged_weight(merged), targets)
+            for weight, part in zip(targets, parts, strict=True):
+                weight.copy_(part)
     enabled = module.__dict__.get("_enabled_before_merge", True)
     for attr in _MERGE_STATE:
         module.__dict__.pop(attr, None)
