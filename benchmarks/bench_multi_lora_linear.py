@@ -55,10 +55,6 @@ SLOTS = (1, 8, 4)  # run order: the n = 8 / n = 1 figure first
 PROVIDERS = (("frozen", ""), ("fused", AUTO), ("fused", "fused"), ("fused", "cublas"),
              ("separate", ""), ("megatron-bridge", ""), ("eager", ""))
 MODES = ("forward", "fwd+bwd")
-# relative error vs fp64: bf16 inputs and a few roundings (Megatron-Bridge's arrangement rounds
-# its low-rank term and scale in bf16); fp32 on a GPU runs TF32 in Triton's dots
-TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
-TF32_TOL = 2e-3
 
 
 def split_tokens(n: int, how: str, m: int = M) -> list[int]:
@@ -229,7 +225,7 @@ def check(provider: str, case: Case, t: Inputs, gemm: str = "") -> float:
     raises AssertionError past the dtype's tolerance."""
     from bridge.kernels.multi_lora_linear import multi_lora_linear_ref
 
-    from tests.numerics import rel_err
+    from tests.numerics import dtype_tol, rel_err
 
     fwd, leaves = build(provider, case, t, gemm)
     y = fwd()
@@ -248,7 +244,10 @@ def check(provider: str, case: Case, t: Inputs, gemm: str = "") -> float:
             n = case.slots
             grads = [grads[0], torch.stack(grads[1:1 + n]), torch.stack(grads[1 + n:])]
         errs = [rel_err(y, y_ref)] + [rel_err(u, v) for u, v in zip(grads, refs, strict=True)]
-    tol = TF32_TOL if case.dtype == torch.float32 and case.device == "cuda" else TOL[case.dtype]
+    # one op at benchmark sizes (fp32 on a GPU runs TF32 in Triton's dots). Megatron-Bridge's
+    # arrangement rounds its low-rank term in bf16 too: 2.8e-3 at bf16 K=4096 (measured on the
+    # CPU with its grouped mms as per-slot bf16 mms), inside the bound
+    tol = dtype_tol(case.dtype, "bench", tf32=case.device == "cuda")
     assert max(errs) <= tol, (f"{label(provider, gemm)} differs from the fp64 reference "
                               f"(tol {tol:.0e}): y, dx, dA, dB {[f'{e:.2e}' for e in errs]}")
     return max(errs)

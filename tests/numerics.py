@@ -70,6 +70,29 @@ def lora_inputs(lead: tuple[int, ...], k: int, n: int, r: int, dtype: torch.dtyp
     return x, w, b, a, bb
 
 
+def norm_lora_inputs(shape: tuple[int, ...], n: int, r: int, dtype: torch.dtype,
+                     norm: str = "RMSNorm", *, bias: bool = True, seed: int = 0,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor | None]:
+    """Fresh random inputs of the norm-fused LoRA linear, by argument name: x [*shape] (offset
+    by 0.5 and scaled by 2 so LayerNorm's mean and variance matter), norm_weight [K] in
+    [0.5, 1.5), norm_bias [K] (LayerNorm only, else None), weight [N, K], bias [N] or None,
+    lora_a [r, K], lora_b [N, r] (random, never zeros). Drawn on the CPU from ``seed`` and
+    placed on ``device`` in ``dtype``; none requires grad (callers pick the leaves)."""
+    k = shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = {
+        "x": rnd(*shape) * 2 + 0.5,
+        "norm_weight": torch.rand(k, generator=g) + 0.5,
+        "norm_bias": rnd(k) * 0.1 if norm == "LayerNorm" else None,
+        "weight": rnd(n, k) / k**0.5,
+        "bias": rnd(n) if bias else None,
+        "lora_a": rnd(r, k) / k**0.5,
+        "lora_b": rnd(n, r),
+    }
+    return {name: None if v is None else v.to(device=device, dtype=dtype) for name, v in t.items()}
+
+
 def grads(*tensors):
     """The ``.grad`` of each tensor (None for None)."""
     return [None if t is None else t.grad for t in tensors]

@@ -20,12 +20,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.numerics import dtype_tol, rel_err
+
 pytest.importorskip("megatron.core", reason="megatron-core not installed")
 
 TP, S, B, K, N, R_MAX = 2, 6, 2, 16, 12, 4
 TOKENS = [5, 0, 7]  # 12 rows; the slot 0 / 2 boundary inside rank 0's sequence-parallel window
 RANKS, ALPHAS = [3, 4, 1], [6.0, 2.0, 5.0]
-TOL = 2e-5
+TOL = dtype_tol(torch.float32, "chain")  # fp32, the base GEMM and the slot term summed over TP
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,6 @@ def _check_case(case: Case, rank: int, group) -> None:
 
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> float:
-    from tests.numerics import rel_err
-
     return rel_err(got.reshape(want.shape), want)  # NaN (a padding rank read) fails
 
 

@@ -20,34 +20,18 @@ from bridge.kernels.norm_lora import (
 )
 
 from tests.conftest import KERNEL_DEVICE as DEV
-from tests.conftest import rel_err as _rel
 from tests.conftest import requires_kernel_device
+from tests.numerics import dtype_tol, norm_lora_inputs, rel_err
 
 triton_kernels = requires_kernel_device()
 
-# Relative-norm tolerances: fp32 (fp32 accumulation), fp16 (~2 ulp), bf16 (~1.3 ulp: the
-# interpreter rounds bf16 differently from torch, and ln is rounded before the GEMM).
-TOLS = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SEED = 1234
-
+FP32 = dtype_tol(torch.float32, "chain")  # fp32 through the norm and the GEMM
 
 
 def _inputs(shape, n, r, dtype, norm, *, bias=True, device=DEV):
-    """Fresh random inputs (never zeros); x has an offset so LayerNorm's mean matters. Drawn on
-    the CPU (the same values on every device) and placed on ``device``."""
-    k = shape[-1]
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g)
-    t = {
-        "x": rnd(*shape) * 2 + 0.5,
-        "norm_weight": torch.rand(k, generator=g) + 0.5,
-        "norm_bias": rnd(k) * 0.1 if norm == "LayerNorm" else None,
-        "weight": rnd(n, k) / k**0.5,
-        "bias": rnd(n) if bias else None,
-        "lora_a": rnd(r, k) / k**0.5,
-        "lora_b": rnd(n, r),
-    }
-    return {name: None if v is None else v.to(device=device, dtype=dtype) for name, v in t.items()}
+    """tests/numerics.norm_lora_inputs (seed 0) on the kernel device."""
+    return norm_lora_inputs(shape, n, r, dtype, norm, bias=bias, device=device)
 
 
 def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", zcg=False,
@@ -81,18 +65,18 @@ def _run_case(dtype, norm, *, shape=(5, 37), n=19, r=3, p=0.0, position="pre", z
     loss_r = (yr * gy.double()).sum() + ((lr * gl.double()).sum() if ln_grad else 0)
     grads_r = torch.autograd.grad(loss_r, [ref[k] for k in grad_names])
 
-    tol = TOLS[dtype]
+    tol = dtype_tol(dtype, "chain")  # ln rounded to the storage type before the GEMM
     if skip_bias_add and bias:  # y without the bias: the bias is not in y's graph at all
         b = t["bias"].clone().requires_grad_(True)
         args = {**t, "bias": b}
         y_skip = norm_lora_linear(*args.values(), **kw, seed=SEED, backend="triton", gemm=gemm)
         assert not any(leaf is b for leaf in _graph_leaves(y_skip)), "the bias reached y"
     assert y.dtype == dtype and y.shape == (*shape[:-1], n) and ln.shape == shape
-    assert _rel(y, yr) < tol, "y"
-    assert _rel(ln, lr) < tol, "ln"
+    assert rel_err(y, yr) < tol, "y"
+    assert rel_err(ln, lr) < tol, "ln"
     for name, a, b in zip(grad_names, grads, grads_r, strict=True):
         assert a.dtype == dtype and a.shape == b.shape, name
-        assert _rel(a, b) < tol, f"grad of {name}: {_rel(a, b):.2e}"
+        assert rel_err(a, b) < tol, f"grad of {name}: {rel_err(a, b):.2e}"
 
 
 def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
@@ -169,7 +153,7 @@ def test_expanded_output_gradient():
     yr, lr = norm_lora_linear_ref(*ref.values(), normalization="LayerNorm", eps=1e-5, scale=0.5)
     (yr.sum() + lr.sum()).backward()
     for k in names:
-        assert _rel(t[k].grad, ref[k].grad) < 2e-5, k
+        assert rel_err(t[k].grad, ref[k].grad) < FP32, k
 
 
 @triton_kernels
@@ -182,7 +166,7 @@ def test_dropout_seed_reproducible_and_eval_has_none():
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
     y_eval = norm_lora_linear(*t.values(), **kw, seed=7, training=False)
     y_ref, _ = norm_lora_linear_ref(*t.values(), normalization="RMSNorm", eps=1e-6, scale=1.0)
-    assert _rel(y_eval, y_ref) < 2e-5
+    assert rel_err(y_eval, y_ref) < FP32
 
 
 @triton_kernels
@@ -201,12 +185,12 @@ def test_row_pass_outputs():
     assert torch.allclose(mean.double(), xd.mean(-1), rtol=1e-6)
     # |mean| / std = 3e3: E[x^2] - mean^2 in fp32 would lose every digit; merged chunk moments
     # keep the variance (fp32 x itself carries ~1e-4 relative noise here)
-    assert _rel(rstd, torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)) < 1e-3
+    assert rel_err(rstd, torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)) < 1e-3
     ln_ref = norm_ref(xd, nw.double(), nb.double(), normalization="LayerNorm", eps=1e-5)
-    assert _rel(ln, ln_ref) < 1e-3
+    assert rel_err(ln, ln_ref) < 1e-3
     keep = dropout_keep_mask(SEED, (m, k), p, DEV)
     s_ref = (ln.double() * keep / (1 - p)) @ a.double().t()
-    assert _rel(s, s_ref) < 1e-5
+    assert rel_err(s, s_ref) < dtype_tol(torch.float32)
 
 
 @triton_kernels
@@ -315,10 +299,10 @@ def test_strided_norm_bias(p, position):
                                       ref["bias"], ref["lora_a"], ref["lora_b"], **kw,
                                       dropout_mask=mask)
         (yr * gy.double()).sum().backward()
-        assert _rel(y, yr) < 2e-5 and _rel(ln, lr) < 2e-5
+        assert rel_err(y, yr) < FP32 and rel_err(ln, lr) < FP32
         for k in names:
-            assert _rel(leaves[k].grad, ref[k].grad) < 2e-5, k
-        assert _rel(nb_full.grad, nb_ref.grad) < 2e-5
+            assert rel_err(leaves[k].grad, ref[k].grad) < FP32, k
+        assert rel_err(nb_full.grad, nb_ref.grad) < FP32
 
 
 def test_norm_params_in_another_dtype_keep_auto_off_the_cuda_row_pass(monkeypatch):
