@@ -8,6 +8,7 @@ outputs; every slot through a distributed adapter checkpoint; the kernel report'
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -191,6 +192,40 @@ def test_load_adapter_copies_a_saved_slot_into_another_and_checks_names():
     bad = {k: v[:1] if i == 0 else v for i, (k, v) in enumerate(saved.items())}
     with pytest.raises(AdapterSlotLoadError, match="shape mismatch"):
         load_adapter(model, 0, bad)
+
+
+def test_slot_round_trips_save_clear_load_and_hf_export_import(tmp_path):
+    """A slot saved (adapter_state_dict under expose), cleared and loaded back, and a slot
+    exported to Hugging Face and imported into another slot, give that slot's outputs again;
+    the other slots never move."""
+    from bridge.peft import export_hf_adapter, import_hf_adapter
+
+    model, _ = gpt_with_slots(num_layers=1)
+    want = {i: logits(model, [16 if j == i else 0 for j in range(SLOTS)]).detach()
+            for i in range(SLOTS)}
+    others = [[p.detach().clone() for p in m.adapters[0].parameters()]
+              for m in multi_layers(model)]
+    with expose_adapter_slot(model, 1):  # a state dict aliases the parameters, as torch's does
+        saved = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+        export_hf_adapter(model, tmp_path / "hf1")
+    clear_adapter_slot(model, 1)
+    assert rel_err(logits(model, [0, 16, 0]), want[1]) > 1e-2  # cleared: the base alone
+    init_adapter_slot(model, 1, 8, 12.0)  # rank and alpha are the caller's (not in the file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the settings records match slot 1's: no warning
+        assert load_adapter(model, 1, saved) == 8  # 4 linears x 2 factors (+ 4 records)
+    assert rel_err(logits(model, [0, 16, 0]), want[1]) < 1e-6
+    with pytest.warns(UserWarning, match=r"linear_qkv: alpha 12.0 in the checkpoint, 13.3"):
+        load_adapter(model, 2, saved)  # slot 2 is rank 3 alpha 5: exposed alpha 5 * 8 / 3
+    clear_adapter_slot(model, 2)
+    init_adapter_slot(model, 2, 8, 12.0)
+    with expose_adapter_slot(model, 2):
+        import_hf_adapter(model, tmp_path / "hf1")
+    assert rel_err(logits(model, [0, 0, 16]), want[1]) < 1e-6
+    assert rel_err(logits(model, [16, 0, 0]), want[0]) < 1e-6
+    for m, before in zip(multi_layers(model), others, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(m.adapters[0].parameters(), before,
+                                                      strict=True))
 
 
 def _lora_twin(alpha: float, backend="eager"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from bridge.peft.multi_lora_slots import (  # noqa: F401  (_narrow_...: upstream
     _narrow_token_counts_to_window,
     _pack,
     _rng_fork,
+    split_slot_settings,
     stack_slots,
 )
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
@@ -425,7 +427,9 @@ def clear_adapter_slot(model, idx: int) -> None:
 def load_adapter(model, idx: int, state_dict: Mapping[str, torch.Tensor]) -> int:
     """Copy a slot checkpoint into slot ``idx``: ``state_dict`` has the names
     ``named_parameters()`` gives under ``expose_adapter_slot`` (``...adapter.linear_in.weight``,
-    this rank's shards), so a checkpoint saved from any slot loads into any other.
+    this rank's shards), so a checkpoint saved from any slot loads into any other; or it is
+    ``adapter_state_dict(model)`` taken under ``expose_adapter_slot``, whose settings records are
+    compared with slot ``idx``'s (a difference is a warning: the slot keeps its rank and alpha).
 
     Returns:
         The number of tensors copied.
@@ -438,7 +442,8 @@ def load_adapter(model, idx: int, state_dict: Mapping[str, torch.Tensor]) -> int
     with expose_adapter_slot(model, idx):
         params = {name: p for chunk in _chunks(model) for name, p in chunk.named_parameters()
                   if ".adapter." in name}
-        given = {k: v for k, v in state_dict.items() if ".adapter." in k}
+        tensors, settings_diffs = split_slot_settings(_chunks(model), state_dict)
+        given = {k: v for k, v in tensors.items() if ".adapter." in k}
         missing = sorted(set(params) - set(given))
         unused = sorted(set(given) - set(params))
         shapes = [f"{k}: model {tuple(params[k].shape)} vs checkpoint {tuple(given[k].shape)}"
@@ -456,6 +461,11 @@ def load_adapter(model, idx: int, state_dict: Mapping[str, torch.Tensor]) -> int
             raise AdapterSlotLoadError(
                 f"load_adapter(slot={idx}): " + " | ".join(problems) + ". Did target_modules "
                 "change since the checkpoint was saved?")
+        if settings_diffs:  # rank and alpha are the slot's (init_adapter_slot), not the file's
+            warnings.warn(f"load_adapter(slot={idx}): the checkpoint was saved from a slot with "
+                          "other settings (outputs differ from the trained slot's where rank or "
+                          "alpha differ; init_adapter_slot sets them): "
+                          + "; ".join(settings_diffs), UserWarning, stacklevel=2)
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(given[name].to(device=param.device, dtype=param.dtype))

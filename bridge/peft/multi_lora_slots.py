@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SlotTokens", "stack_slots"]
+__all__ = ["SlotTokens", "split_slot_settings", "stack_slots"]
 
 # ---- the micro-batch's tokens per slot -------------------------------------------------------
 def _narrow_counts(counts: Sequence[int], start: int, rows: int) -> list[int]:
@@ -141,3 +141,23 @@ def _rng_fork(expert: bool):
     if tracker.is_initialized() and name in tracker.get_states():
         return tracker.fork(name)
     return contextlib.nullcontext()
+
+
+# ---- a slot checkpoint's settings records --------------------------------------------------------
+def split_slot_settings(chunks: Sequence[nn.Module], state_dict) -> tuple[dict, list[str]]:
+    """Split a slot checkpoint into its tensors and the differences between its settings records
+    (``adapter_state_dict``'s ``<layer>.adapter._extra_state``, written under
+    ``expose_adapter_slot``) and the exposed slot's rank, alpha and dropout; call it while the
+    target slot is exposed. Returns ({key: tensor} without the records, ["layer: ..."])."""
+    from bridge.peft.adapter_io import SETTINGS_KEY, _decode, _settings_mismatches, _wrappers
+
+    wrappers = {name: m for chunk in chunks for name, m in _wrappers(chunk)}
+    tensors, settings = {}, {}
+    for key, value in state_dict.items():
+        if key == SETTINGS_KEY or key.endswith("." + SETTINGS_KEY):
+            layer = key[: -len(SETTINGS_KEY)].rstrip(".")
+            if layer in wrappers:
+                settings[layer] = _decode(key, value)
+        else:
+            tensors[key] = value
+    return tensors, _settings_mismatches(wrappers, settings)
