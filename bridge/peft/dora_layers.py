@@ -143,11 +143,14 @@ class DoRALinear(AdapterWrapper):
         norm |m|, so n cannot be recovered from them."""
         with torch.no_grad():
             w = acc(self.to_wrap.weight)
-            w = w + self.adapter.delta_weight().to(w.dtype)
+            # fp64 for the rescaling (here and in unmerged_weight): the merged weight is then
+            # rounded once, and keep_base=None's unmerge is within one ulp (fp32 products and
+            # quotients here and back were 2.5 ulps)
+            summed = w.double() + self.adapter.delta_weight().to(w.dtype).double()
             norm = self.weight_norm()
-            m = acc(self.adapter.weight_magnitude).to(w.dtype)
+            m = acc(self.adapter.weight_magnitude).double()
             self._dora_merge_norm = norm
-            return w * (m / norm).unsqueeze(1)
+            return (summed * (m / norm.double()).unsqueeze(1)).to(w.dtype)
 
     def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
         """Invert :meth:`merged_weight` with the norm it used: W0 = W' · n / m - s·B@A."""
@@ -157,8 +160,9 @@ class DoRALinear(AdapterWrapper):
                                "merge it inverts; call merged_weight() (merge_lora) first")
         with torch.no_grad():
             merged = acc(merged)
-            m = acc(self.adapter.weight_magnitude).to(merged.dtype)
-            return merged * (norm / m).unsqueeze(1) - self.adapter.delta_weight().to(merged.dtype)
+            m = acc(self.adapter.weight_magnitude).double()
+            delta = self.adapter.delta_weight().to(merged.dtype).double()
+            return (merged.double() * (norm.double() / m).unsqueeze(1) - delta).to(merged.dtype)
 
     def unmerge_on_load_problem(self) -> str | None:
         """A merged DoRA layer's rows were rescaled by m / n with n = ||W0 + s·B@A|| of the
