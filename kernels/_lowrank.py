@@ -136,9 +136,10 @@ if HAS_TRITON:
     def _lora_linear_bwd_da_kernel(
         ds_ptr,  # [M, R] fp32 dS, contiguous
         x_ptr,  # [M, K] input (strided)
-        da_ptr,  # [R, K] output dA, contiguous
+        da_ptr,  # [SPLIT, R, K] output, contiguous: dA itself (SPLIT = 1), else fp32 partials
         seed_ptr,  # int64 [1] seed (read only when PRE_DROPOUT)
         M, K, R,  # sizes
+        rows_per_split,  # rows of M each split reduces (a multiple of every BLOCK_M)
         stride_xm, stride_xk,  # x strides
         p,  # fp32 dropout probability ('pre' only)
         keep_scale,  # fp32 1 / (1 - p)
@@ -149,9 +150,11 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,  # reduction step over M
         BLOCK_R: tl.constexpr,  # output rank rows per program
     ):
-        """dA = dS^T x~ [R, K], reducing over M inside the program (deterministic)."""
+        """dA = dS^T x~ [R, K]: program (k, r, s) reduces rows [s * rows_per_split, next) of M
+        (deterministic; the host sums the SPLIT partials in a fixed order)."""
         pid_k = tl.program_id(0)
         pid_r = tl.program_id(1)
+        pid_s = tl.program_id(2)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rm0 = tl.arange(0, BLOCK_M)
@@ -161,8 +164,12 @@ if HAS_TRITON:
             seed = tl.load(seed_ptr)
         op_dtype = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            rm = m0 + rm0
+        # rows [m_lo, m_lo + rows_per_split) of M; the trip count is tile-uniform (the last
+        # split's tail is masked), which keeps the loop as cheap as the unsplit one's
+        m_lo = pid_s * rows_per_split
+        rows_here = tl.minimum(M - m_lo, rows_per_split)
+        for m0 in range(0, rows_here, BLOCK_M):
+            rm = m_lo + m0 + rm0
             m_ok = rm < M
             ds_t = tl.load(ds_ptr + rm.to(tl.int64)[None, :] * R + rr[:, None],
                            mask=r_ok[:, None] & m_ok[None, :], other=0.0)
@@ -173,7 +180,7 @@ if HAS_TRITON:
             acc = tl.dot(dot_operand(ds_t, op_dtype, INTERPRET), x, acc, input_precision=PRECISION)
         if PRE_DROPOUT:
             acc = acc * keep_scale
-        da_ptrs = da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :]
+        da_ptrs = da_ptr + pid_s.to(tl.int64) * R * K + rr.to(tl.int64)[:, None] * K + rk[None, :]
         tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
 
     @triton.jit
@@ -396,11 +403,39 @@ def launch_da(ds: torch.Tensor, x2d: torch.Tensor, *, seed: torch.Tensor | None 
         return da.zero_()
     on, seed_arg, p_arg, keep = dropout_args(seed, p, da)
     block_r = rank_block(r)
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(r, block_r))
+    split, rows = da_split(m, k, r, block_r, x2d.device)
+    # one split writes dA directly; more write fp32 partials [split, r, K] summed here in a
+    # fixed order (deterministic; r * K * 4 bytes each: 256 KB at r=16, K=4096)
+    out = da if split == 1 else torch.empty((split, r, k), dtype=torch.float32,
+                                            device=x2d.device)
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(r, block_r), split)
     _kernel(_lora_linear_bwd_da_kernel, "da", x2d.device)[grid](
-        ds.contiguous(), x2d, da, seed_arg, m, k, r, x2d.stride(0), x2d.stride(1), p_arg, keep,
-        PRE_DROPOUT=on, BLOCK_R=block_r, **launch_common(x2d.device, x2d.dtype))
-    return da
+        ds.contiguous(), x2d, out, seed_arg, m, k, r, rows, x2d.stride(0), x2d.stride(1), p_arg,
+        keep, PRE_DROPOUT=on, BLOCK_R=block_r, **launch_common(x2d.device, x2d.dtype))
+    return da if split == 1 else out.sum(0).to(da.dtype)
+
+
+# dA's split over M: enough splits for about two programs per SM with the narrowest K tile, each
+# reducing at least DA_MIN_ROWS rows (so the partials stay small next to x), rounded up to a
+# multiple of the largest config's BLOCK_M (no partial steps inside a split).
+DA_MIN_ROWS = {"cuda": 512, "interpret": 64}
+_DA_ROW_ALIGN = {"cuda": 128, "interpret": 64}
+_DA_NARROWEST_K = 64
+_DA_INTERPRET_SMS = 4  # the interpreter: a few splits at test sizes, so the split path is tested
+
+
+def da_split(m: int, k: int, r: int, block_r: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split) of dA's reduction over M: at M=8192, K=4096, r=16 on 132 SMs,
+    dA launches 64 K-tiles; 5 splits of 1664 rows give 320 programs (2.4 per SM) instead of 64
+    programs that each read all of M."""
+    where = "cuda" if device.type == "cuda" else "interpret"
+    min_rows, align = DA_MIN_ROWS[where], _DA_ROW_ALIGN[where]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if where == "cuda" \
+        else _DA_INTERPRET_SMS
+    tiles = triton.cdiv(k, _DA_NARROWEST_K) * triton.cdiv(r, block_r)
+    split = max(1, min(triton.cdiv(m, min_rows), triton.cdiv(2 * sms, tiles)))
+    rows = max(min_rows, triton.cdiv(triton.cdiv(m, split), align) * align)
+    return triton.cdiv(m, rows), rows
 
 
 def launch_expand(l_mat: torch.Tensor, factor: torch.Tensor, alpha: float, *,
@@ -454,7 +489,8 @@ def aot_specs() -> list[dict]:
                 "stride_dyn": 1, "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32,
                 "keep_scale": f32}
     da_sig = {"ds_ptr": f32p, "x_ptr": dt, "da_ptr": dt, "seed_ptr": i64p, "M": i32, "K": i32,
-              "R": i32, "stride_xm": i32, "stride_xk": 1, "p": f32, "keep_scale": f32}
+              "R": i32, "rows_per_split": i32, "stride_xm": i32, "stride_xk": 1, "p": f32,
+              "keep_scale": f32}
     # the expand reads lora_b [N, r] (unit rank stride) or lora_a [r, K] as A^T (unit C stride)
     expand_sig = {"l_ptr": f32p, "f_ptr": dt, "bias_ptr": dt, "out_ptr": dt, "seed_ptr": i64p,
                   "M": i32, "C": i32, "R": i32, "stride_fc": i32, "stride_fr": 1, "alpha": f32,
@@ -475,6 +511,8 @@ def aot_specs() -> list[dict]:
              {**dsdb_fixed, "POST_DROPOUT": False, "WRITE_DB": False}),
         spec(_lora_linear_bwd_da_kernel, "pre-dropout", "da", da_sig,
              {**common, "PRE_DROPOUT": True}),
+        spec(_lora_linear_bwd_da_kernel, "pre-dropout, split-M fp32 partials", "da",
+             {**da_sig, "da_ptr": f32p}, {**common, "PRE_DROPOUT": True}),
         spec(_lora_expand_kernel, "P: bias", "expand", expand_sig,
              {**common, "HAS_BIAS": True, "HAS_DROPOUT": False}),
         spec(_lora_expand_kernel, "P: bias+post-dropout", "expand_masked", expand_sig,
