@@ -7,8 +7,12 @@ Module mapping (Llama-style GPT): ``decoder.layers.{i}.self_attention.linear_qkv
 fc1's rows, without a gated linear unit), ``...mlp.linear_fc2`` -> ``down_proj``, the model's
 ``output_layer`` -> ``lm_head``. PEFT keys are
 ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` (and ``lora_B``;
-``base_model.model.lm_head.lora_A.weight``). An adapter on any other module has no PEFT name:
-export and import name it and stop, unless ``skip_unmapped=True`` leaves it out (with a warning).
+``base_model.model.lm_head.lora_A.weight``). MoE layers' expert, shared-expert and router
+adapters get PEFT's per-expert module names (``model.layers.{i}.mlp.experts.{j}.gate_proj`` ...,
+``moe_style='qwen2_moe'``, or Mixtral's ``block_sparse_moe.experts.{j}.w1`` ...): see
+``bridge.peft._hf_moe`` for the names, the shared-adapter rule and why not ``target_parameters``.
+An adapter on any other module has no PEFT name: export and import name it and stop, unless
+``skip_unmapped=True`` leaves it out (with a warning).
 
 Export of a fused LoRA is exact: q, k and v each get ``lora_A = A`` and their rows of B,
 de-interleaved from megatron's per-group qkv layout (see ``canonical_lora``); gate/up the halves
@@ -42,6 +46,7 @@ import warnings
 import torch
 from torch import nn
 
+from bridge.peft import _hf_moe as moe
 from bridge.peft.adapter_io import AdapterLoadError
 from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.canonical_lora import (
@@ -106,7 +111,7 @@ def _layers(model: nn.Module):
     for name, module in model.named_modules():
         if not isinstance(module, AdapterWrapper):
             continue
-        match = _LAYER.match(name)
+        match = _LAYER.match(name) or moe.MOE_LAYER.match(name)
         if match:
             found.append((int(match.group(1)), match.group(2), name, module))
         elif _OUTPUT.match(name):
@@ -125,8 +130,16 @@ def _gated(module: AdapterWrapper) -> bool:
     return bool(getattr(getattr(module.to_wrap, "config", None), "gated_linear_unit", False))
 
 
+def _is_moe(tail: str) -> bool:
+    return moe.MOE_LAYER.match(f"decoder.layers.0.{tail}") is not None
+
+
 def _check_wrapper(name: str, tail: str, module: AdapterWrapper) -> None:
     from bridge.peft.multi_lora_layers import MultiLoRALinear
+
+    if _is_moe(tail) and not isinstance(module, MultiLoRALinear):
+        moe.check_moe_wrapper(name, tail, module)
+        return
 
     if isinstance(module, MultiLoRALinear) and "adapter" not in module._modules:
         raise NotImplementedError(
@@ -178,6 +191,22 @@ def _part_adapters(tail: str, module: AdapterWrapper) -> dict[str, nn.Module]:
     return {p: module.adapter for p in _parts(tail, module)}
 
 
+def _hf_adapters(index: int | None, tail: str, module: AdapterWrapper, style: str
+                 ) -> dict[str, nn.Module]:
+    """PEFT module name -> the adapter that computes it, for one layer."""
+    if _is_moe(tail):
+        return {hf: module.adapter for hf in moe.moe_modules(index, tail, module, style)}
+    return {_hf_module(index, p): a for p, a in _part_adapters(tail, module).items()}
+
+
+def _hf_factors(index: int | None, tail: str, module: AdapterWrapper, style: str
+                ) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT module name -> {tensor suffix: tensor}, for one layer."""
+    if _is_moe(tail):
+        return moe.moe_factors(index, tail, module, style)
+    return {_hf_module(index, p): named for p, named in _factors(tail, module).items()}
+
+
 def _split_rows(tail: str, module: AdapterWrapper, t: torch.Tensor) -> list[torch.Tensor]:
     """A fused layer's output rows (of B, or of DoRA's m) split per HF projection."""
     if tail.endswith("linear_qkv"):
@@ -211,8 +240,9 @@ def _mapped_layers(model: nn.Module, skip_unmapped: bool, verb: str, error):
     unmapped = _unmapped(model, layers)
     if unmapped and not skip_unmapped:
         raise error(f"adapters with no Hugging Face PEFT name: {unmapped} (PEFT names exist for "
-                    "the decoder layers' linear_qkv/linear_proj/linear_fc1/linear_fc2 and the "
-                    f"output_layer); pass skip_unmapped=True to {verb} the others without them")
+                    "the decoder layers' linear_qkv/linear_proj/linear_fc1/linear_fc2, their MoE "
+                    "experts, shared experts and router, and the output_layer); pass "
+                    f"skip_unmapped=True to {verb} the others without them")
     if unmapped:
         what = "left out of the export" if verb == "export" else "left as they are"
         warnings.warn(f"adapters with no Hugging Face PEFT name {what}: {unmapped}", UserWarning,
@@ -250,13 +280,17 @@ def _write_atomically(directory: str, tensors: dict, config_text: str) -> None:
 
 def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
                       base_model_name_or_path: str | os.PathLike | None = None, *,
-                      skip_unmapped: bool = False) -> dict[str, torch.Tensor]:
+                      skip_unmapped: bool = False,
+                      moe_style: str = "qwen2_moe") -> dict[str, torch.Tensor]:
     """Write ``model``'s LoRA (canonical LoRA, DoRA) adapters as a Hugging Face PEFT adapter in
     ``directory`` (files replaced atomically).
 
     Args:
         skip_unmapped: leave out (with a warning) adapters on modules without a PEFT name
             instead of raising.
+        moe_style: the HF names of MoE layers: 'qwen2_moe' (``mlp.experts.{j}.gate_proj``,
+            ``mlp.shared_expert.*``, ``mlp.gate``) or 'mixtral' (``block_sparse_moe.experts.{j}
+            .w1|w3|w2``, ``block_sparse_moe.gate``).
 
     Returns:
         The tensors written (PEFT key -> tensor).
@@ -272,6 +306,7 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
                                                                   (str, os.PathLike)):
         raise TypeError(f"base_model_name_or_path must be a str or a path, got "
                         f"{type(base_model_name_or_path).__name__}")
+    moe.check_style(moe_style)
     layers = _mapped_layers(model, skip_unmapped, "export", NotImplementedError)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapters on GPT linears "
@@ -286,10 +321,10 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
     use_dora = _uses_dora(layers)
     tensors, targets = {}, set()
     for index, tail, _, module in layers:
-        for part, named in _factors(tail, module).items():
+        for hf, named in _hf_factors(index, tail, module, moe_style).items():
             for suffix, t in named.items():
-                tensors[f"{_hf_key(index, part)}.{suffix}"] = t.contiguous().clone()
-            targets.add(_HF_NAME[part].rsplit(".", 1)[-1])
+                tensors[f"{HF_ROOT}.{hf}.{suffix}"] = t.contiguous().clone()
+            targets.add(hf.rsplit(".", 1)[-1])
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "lora_dropout": dropout, "target_modules": sorted(targets), "bias": "none",
@@ -366,13 +401,12 @@ def _pattern(config: dict, field: str, module: str):
     return None, None
 
 
-def _check_hparams(config: dict, path: str, layers) -> None:
+def _check_hparams(config: dict, path: str, layers, style: str) -> None:
     """Each adapter's rank and alpha against the file's (with rank/alpha patterns), and the
     layers it adapts against ``layers_to_transform``."""
     problems = []
     for index, tail, name, module in layers:
-        for part, adapter in _part_adapters(tail, module).items():
-            hf = _hf_module(index, part)
+        for hf, adapter in _hf_adapters(index, tail, module, style).items():
             r_key, r = _pattern(config, "rank_pattern", hf)
             a_key, alpha = _pattern(config, "alpha_pattern", hf)
             r = config["r"] if r is None else r
@@ -409,7 +443,7 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
 
 
 def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
-                      skip_unmapped: bool = False) -> None:
+                      skip_unmapped: bool = False, moe_style: str = "qwen2_moe") -> None:
     """Load a Hugging Face PEFT LoRA (or DoRA) adapter into ``model``'s LoRA, canonical LoRA or
     DoRA adapters. Everything is checked before the first tensor is copied.
 
@@ -419,14 +453,17 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
     Args:
         skip_unmapped: leave adapters on modules without a PEFT name as they are (with a
             warning) instead of raising.
+        moe_style: the HF names of MoE layers, as for :func:`export_hf_adapter`.
 
     Raises:
         AdapterLoadError: naming the file, field, key or layer: an unreadable file, a field
             of a bad type or one this import cannot reproduce, rank/alpha/use_dora unlike the
             model's, missing or unused keys, shapes, q/k/v (gate/up) A's that differ where the
-            model has one fused adapter, adapters without a PEFT name.
+            model has one fused adapter, a shared expert adapter whose experts' copies differ,
+            adapters without a PEFT name.
         ValueError: the model has no adapters on GPT linears.
     """
+    moe.check_style(moe_style)
     directory = os.fspath(directory)
     path = os.path.join(directory, ADAPTER_CONFIG)
     config = _read_config(directory)
@@ -439,16 +476,20 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
     if bool(config.get("use_dora")) != dora:
         raise AdapterLoadError(f"{directory}: the file has use_dora={bool(config.get('use_dora'))}"
                                f" but the model's adapters are {'DoRA' if dora else 'LoRA'}")
-    _check_hparams(config, path, layers)
+    _check_hparams(config, path, layers, moe_style)
     given = {_normalise_key(k): v for k, v in _read_weights(directory).items()}
 
     # Which file keys each layer needs (a fused layer needs all of its parts).
     plan, needed = [], set()
     for index, tail, name, module in layers:
-        keys = {p: _hf_key(index, p) for p in _part_adapters(tail, module)}
+        if _is_moe(tail):
+            keys = {hf: f"{HF_ROOT}.{hf}" for hf in moe.moe_modules(index, tail, module,
+                                                                     moe_style)}
+        else:
+            keys = {p: _hf_key(index, p) for p in _part_adapters(tail, module)}
         suffixes = ["lora_A.weight", "lora_B.weight"] + (["lora_magnitude_vector"] * dora)
         needed |= {f"{k}.{x}" for k in keys.values() for x in suffixes}
-        plan.append((name, tail, module, keys))
+        plan.append((index, name, tail, module, keys))
     missing, unexpected = sorted(needed - set(given)), sorted(set(given) - needed)
     if missing or unexpected:
         raise AdapterLoadError(f"{directory}: keys the model needs but the file lacks: {missing}; "
@@ -462,7 +503,12 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
                                    f"the file's {tuple(value.shape)}")
         copies.append((param, value))
 
-    for name, tail, module, keys in plan:
+    for index, name, tail, module, keys in plan:
+        if _is_moe(tail):
+            for what, param, value in moe.moe_copies(name, index, tail, module, moe_style, given,
+                                                     HF_ROOT, AdapterLoadError):
+                put(what, param, value)
+            continue
         a_s = {p: given[f"{k}.lora_A.weight"] for p, k in keys.items()}
         b_s = {p: given[f"{k}.lora_B.weight"] for p, k in keys.items()}
         if isinstance(module, _SplitLoRA):
