@@ -455,7 +455,7 @@ def test_parallel_linear_adapter_expert_keeps_the_base_parallel_state():
 
 
 @pytest.mark.usefixtures("megatron_tp1")
-@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("kind", ["column", "row", "te-column", "te-row"])
 def test_adapter_linears_get_the_bases_tp_group_without_megatrons_warning(kind, recwarn):
     """The adapter's Column/RowParallelLinears are built on the base's own TP group (a group of
     its own here, not megatron's default), so megatron's "tp_group is None ... mandatory"
@@ -471,8 +471,17 @@ def test_adapter_linears_get_the_bases_tp_group_without_megatrons_warning(kind, 
         "megatron no longer warns for a missing tp_group: this test proves nothing"
     group = dist.new_group([0])
     common = dict(config=cfg, init_method=nn.init.normal_, bias=False, tp_group=group)
-    base = ColumnParallelLinear(K, N, gather_output=False, **common) if kind == "column" else \
-        RowParallelLinear(K, N, input_is_parallel=True, skip_bias_add=True, **common)
+    if kind.startswith("te-"):
+        from tests import te_standins as te
+
+        common.update(skip_bias_add=False, is_expert=False)
+        base = te.TEColumnParallelLinear(K, N, gather_output=False, **common) \
+            if kind == "te-column" else te.TERowParallelLinear(K, N, input_is_parallel=True,
+                                                               **common)
+    elif kind == "column":
+        base = ColumnParallelLinear(K, N, gather_output=False, **common)
+    else:
+        base = RowParallelLinear(K, N, input_is_parallel=True, skip_bias_add=True, **common)
     assert base.tp_group is group
     recwarn.clear()
     model = nn.Module()
