@@ -77,10 +77,11 @@ if HAS_TRITON:
         dy_ptr,  # [M, N] upstream gradient (strided; stride 0 when expanded)
         b_ptr,  # [N, R] lora_b (strided)
         s_ptr,  # [M, R] fp32 S saved by the forward, contiguous
-        ds_ptr,  # [M, R] fp32 output dS, contiguous
+        ds_ptr,  # [SPLIT, M, R] fp32 output: dS (SPLIT = 1), else per-column-split partials
         dbp_ptr,  # [cdiv(M, BLOCK_M), N, R] fp32 output: per-row-tile partial dB, contiguous
         seed_ptr,  # int64 [1] seed (read only when POST_DROPOUT)
         M, N, R,  # sizes
+        cols_per_split,  # columns of N each split reduces (a multiple of every BLOCK_N)
         stride_dym, stride_dyn,  # dY strides
         stride_bn, stride_br,  # lora_b strides
         scale,  # fp32 s
@@ -95,9 +96,12 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,  # rank tile
     ):
         """One pass over dY: dS = s dY B [M, R] and the partial dB_t = s dY_t^T S_t [N, R] of
-        each row tile t (summed on the host, deterministically). G = dY * m / (1-p) for 'post'."""
+        each row tile t (summed on the host, deterministically). G = dY * m / (1-p) for 'post'.
+        Program (m, r, c) covers columns [c * cols_per_split, next) of N: its dB rows alone, and
+        its share of dS (the host sums the splits' dS in a fixed order)."""
         pid_m = tl.program_id(0)
         pid_r = tl.program_id(1)
+        pid_c = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rn0 = tl.arange(0, BLOCK_N)
@@ -115,8 +119,10 @@ if HAS_TRITON:
         b_rows = b_ptr + rr.to(tl.int64)[None, :] * stride_br
         dbp_rows = dbp_ptr + pid_m.to(tl.int64) * N * R + rr[None, :]
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rn = n0 + rn0
+        n_lo = pid_c * cols_per_split
+        cols_here = tl.minimum(N - n_lo, cols_per_split)  # tile-uniform trip count, tail masked
+        for n0 in range(0, cols_here, BLOCK_N):
+            rn = n_lo + n0 + rn0
             n_ok = rn < N
             dy = load_f32(dy_rows + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :],
                           INTERPRET)
@@ -129,8 +135,8 @@ if HAS_TRITON:
                 dbp = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
                 tl.store(dbp_rows + rn.to(tl.int64)[:, None] * R, dbp * g_scale,
                          mask=n_ok[:, None] & r_ok[None, :])
-        tl.store(ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], ds * g_scale,
-                 mask=m_ok[:, None] & r_ok[None, :])
+        ds_rows = ds_ptr + pid_c.to(tl.int64) * M * R + rm.to(tl.int64)[:, None] * R
+        tl.store(ds_rows + rr[None, :], ds * g_scale, mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
     def _lora_linear_bwd_da_kernel(
@@ -365,12 +371,16 @@ def launch_dsdb(dy2d: torch.Tensor, lora_b: torch.Tensor, s_mat: torch.Tensor, s
     the host in fp32 (deterministic, no atomics)."""
     m, n = dy2d.shape
     r = lora_b.shape[1]
-    ds = torch.empty((m, r), dtype=torch.float32, device=dy2d.device)
     if m == 0:
-        return ds, lora_b.new_zeros(lora_b.shape)  # contiguous, as the fake says
+        return (torch.empty((0, r), dtype=torch.float32, device=dy2d.device),
+                lora_b.new_zeros(lora_b.shape))  # contiguous, as the fake says
     arch = current_arch(dy2d.device)
     block_m, block_r = DSDB_BLOCK_M[arch], rank_block(r)
     tiles_m = triton.cdiv(m, block_m)
+    split, cols = fill_split(n, tiles_m * triton.cdiv(r, block_r), dy2d.device)
+    # one split writes dS directly; more write fp32 partials [split, M, r] (M * r * 4 bytes each:
+    # 0.5 MB at M=8192, r=16) summed below in a fixed order
+    ds = torch.empty((split, m, r), dtype=torch.float32, device=dy2d.device)
     on, seed_arg, p_arg, keep = dropout_args(seed, p, ds)
     # The fp32 dB partials cost tiles_m * N * r * 4 bytes (0.47 GB at M=16384, N=14336, r=64);
     # past DB_PARTIALS_MAX_BYTES, and with no 'post' mask on dY, dB = s dY^T S is one more GEMM
@@ -379,12 +389,13 @@ def launch_dsdb(dy2d: torch.Tensor, lora_b: torch.Tensor, s_mat: torch.Tensor, s
     partial = torch.empty((tiles_m, n, r) if write_db else (1,), dtype=torch.float32,
                           device=dy2d.device)
     s_c = s_mat.contiguous()
-    grid = (tiles_m, triton.cdiv(r, block_r))
+    grid = (tiles_m, triton.cdiv(r, block_r), split)
     _kernel(_lora_linear_bwd_dsdb_kernel, "dsdb", dy2d.device)[grid](
-        dy2d, lora_b, s_c, ds, partial, seed_arg, m, n, r,
+        dy2d, lora_b, s_c, ds, partial, seed_arg, m, n, r, cols,
         dy2d.stride(0), dy2d.stride(1), lora_b.stride(0), lora_b.stride(1), float(scale), p_arg,
         keep, POST_DROPOUT=on, WRITE_DB=write_db, BLOCK_M=block_m, BLOCK_R=block_r,
         **launch_common(dy2d.device, dy2d.dtype))
+    ds = ds[0] if split == 1 else ds.sum(0)
     if not write_db:  # s S rounded once to dY's dtype, as the forward's tensor-core operand is
         return ds, (dy2d.t() @ (s_c * scale).to(dy2d.dtype)).to(lora_b.dtype)
     db = partial[0] if tiles_m == 1 else partial.sum(0)
@@ -415,27 +426,34 @@ def launch_da(ds: torch.Tensor, x2d: torch.Tensor, *, seed: torch.Tensor | None 
     return da if split == 1 else out.sum(0).to(da.dtype)
 
 
-# dA's split over M: enough splits for about two programs per SM with the narrowest K tile, each
-# reducing at least DA_MIN_ROWS rows (so the partials stay small next to x), rounded up to a
-# multiple of the largest config's BLOCK_M (no partial steps inside a split).
-DA_MIN_ROWS = {"cuda": 512, "interpret": 64}
-_DA_ROW_ALIGN = {"cuda": 128, "interpret": 64}
+# Splitting a reduction over programs (dA over M, dS over N): enough splits for about two
+# programs per SM, each reducing at least SPLIT_MIN rows/columns (so the fp32 partials stay small
+# next to the tensor read), rounded up to a multiple of every config's block along that axis (no
+# partial steps inside a split).
+SPLIT_MIN = {"cuda": 512, "interpret": 64}
+_SPLIT_ALIGN = {"cuda": 128, "interpret": 64}
 _DA_NARROWEST_K = 64
-_DA_INTERPRET_SMS = 4  # the interpreter: a few splits at test sizes, so the split path is tested
+_INTERPRET_SMS = 4  # the interpreter: a few splits at test sizes, so the split path is tested
+
+
+def fill_split(length: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(splits, length per split) of a reduction of ``length`` whose launch has ``programs``
+    programs per split."""
+    where = "cuda" if device.type == "cuda" else "interpret"
+    least, align = SPLIT_MIN[where], _SPLIT_ALIGN[where]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if where == "cuda" \
+        else _INTERPRET_SMS
+    split = max(1, min(triton.cdiv(length, least), triton.cdiv(2 * sms, programs)))
+    per = max(least, triton.cdiv(triton.cdiv(length, split), align) * align)
+    return triton.cdiv(length, per), per
 
 
 def da_split(m: int, k: int, r: int, block_r: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) of dA's reduction over M: at M=8192, K=4096, r=16 on 132 SMs,
     dA launches 64 K-tiles; 5 splits of 1664 rows give 320 programs (2.4 per SM) instead of 64
-    programs that each read all of M."""
-    where = "cuda" if device.type == "cuda" else "interpret"
-    min_rows, align = DA_MIN_ROWS[where], _DA_ROW_ALIGN[where]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if where == "cuda" \
-        else _DA_INTERPRET_SMS
-    tiles = triton.cdiv(k, _DA_NARROWEST_K) * triton.cdiv(r, block_r)
-    split = max(1, min(triton.cdiv(m, min_rows), triton.cdiv(2 * sms, tiles)))
-    rows = max(min_rows, triton.cdiv(triton.cdiv(m, split), align) * align)
-    return triton.cdiv(m, rows), rows
+    programs that each read all of M. (dS/dB: 64 row tiles at M=8192 likewise get 5 splits of
+    832 columns of N=4096.)"""
+    return fill_split(m, triton.cdiv(k, _DA_NARROWEST_K) * triton.cdiv(r, block_r), device)
 
 
 def launch_expand(l_mat: torch.Tensor, factor: torch.Tensor, alpha: float, *,
@@ -485,8 +503,8 @@ def aot_specs() -> list[dict]:
                   "R": i32, "stride_xm": i32, "stride_xk": 1, "stride_ar": i32, "stride_ak": 1,
                   "p": f32, "keep_scale": f32}
     dsdb_sig = {"dy_ptr": dt, "b_ptr": dt, "s_ptr": f32p, "ds_ptr": f32p, "dbp_ptr": f32p,
-                "seed_ptr": i64p, "M": i32, "N": i32, "R": i32, "stride_dym": i32,
-                "stride_dyn": 1, "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32,
+                "seed_ptr": i64p, "M": i32, "N": i32, "R": i32, "cols_per_split": i32,
+                "stride_dym": i32, "stride_dyn": 1, "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32,
                 "keep_scale": f32}
     da_sig = {"ds_ptr": f32p, "x_ptr": dt, "da_ptr": dt, "seed_ptr": i64p, "M": i32, "K": i32,
               "R": i32, "rows_per_split": i32, "stride_xm": i32, "stride_xk": 1, "p": f32,

@@ -1,7 +1,8 @@
-"""dA's split over M (kernels/_lowrank.py ``launch_da``): programs reduce disjoint row ranges
-into fp32 partials summed on the host in a fixed order. Against the fp64 reference at row counts
-around the split boundaries, with the 'pre' mask regenerated, strided x, and bitwise-repeatable;
-the split rule fills the GPU as its docstring says."""
+"""The split reductions of kernels/_lowrank.py: dA over M (``launch_da``) and dS over N
+(``launch_dsdb``), whose programs reduce disjoint ranges into fp32 partials summed on the host in
+a fixed order. Against the fp64 reference at sizes around the split boundaries, with the masks
+regenerated, strided and stride-0 inputs, bitwise-repeatable; the split rule fills the GPU as its
+docstring says."""
 
 from __future__ import annotations
 
@@ -59,3 +60,42 @@ def test_split_rule_fills_the_gpu_and_covers_every_row(monkeypatch):
         assert rows >= 512 and split * rows >= m > (split - 1) * rows, (m, split, rows)
     # the interpreter splits at test sizes, so the partials path runs in CI
     assert lowrank.da_split(200, 37, 5, lowrank.rank_block(5), torch.device("cpu"))[0] > 1
+
+
+@pytest.mark.parametrize("n", [1, 64, 65, 200, 333])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_dsdb_matches_the_fp64_reference(n, p, dtype):
+    g = torch.Generator().manual_seed(n)
+    m, r, scale = 70, 5, 0.75
+    dy = torch.randn(n, m, generator=g).to(dtype).t()  # strided [m, n]
+    lora_b = torch.randn(n, r, generator=g).to(dtype)
+    s_mat = torch.randn(m, r, generator=g)
+    seed = philox.seed_tensor(99 + n, dy.device) if p > 0 else None
+    split, _ = lowrank.fill_split(n, 2, dy.device)
+    g64 = dy.double()
+    if seed is not None:
+        keep = philox.dropout_keep_mask(seed, (m, n), p, dy.device)
+        g64 = torch.where(keep, g64, 0.0) / (1.0 - p)
+    ds, db = lowrank.launch_dsdb(dy, lora_b, s_mat, scale, seed=seed, p=p)
+    assert ds.shape == (m, r) and ds.dtype == torch.float32 and ds.is_contiguous()
+    assert db.shape == (n, r) and db.dtype == dtype
+    tol = dtype_tol(dtype, "chain")
+    assert rel_err(ds, scale * g64 @ lora_b.double()) < tol, (n, split)
+    # dB's operand is s S rounded to the activations' dtype, as in the forward's dot
+    s_op = s_mat.to(dtype).double() if dtype != torch.float32 else s_mat.double()
+    assert rel_err(db, scale * g64.t() @ s_op) < tol, (n, split)
+    again = lowrank.launch_dsdb(dy, lora_b, s_mat, scale, seed=seed, p=p)
+    assert torch.equal(ds, again[0]) and torch.equal(db, again[1])
+
+
+def test_dsdb_with_a_stride_0_gradient_splits_too():
+    """dY from y.sum().backward() is an expanded one: stride 0 on both axes."""
+    m, n, r = 9, 150, 3
+    dy = torch.ones(()).expand(m, n)
+    lora_b = torch.randn(n, r)
+    s_mat = torch.randn(m, r)
+    assert lowrank.fill_split(n, 1, dy.device)[0] > 1
+    ds, db = lowrank.launch_dsdb(dy, lora_b, s_mat, 2.0)
+    assert rel_err(ds, 2.0 * dy.double() @ lora_b.double()) < dtype_tol(torch.float32, "chain")
+    assert rel_err(db, 2.0 * dy.double().t() @ s_mat.double()) < dtype_tol(torch.float32, "chain")
