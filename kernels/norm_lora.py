@@ -121,6 +121,34 @@ def norm_lora_linear_ref(
 
 if HAS_TRITON:
 
+    # The normalised row, written once: the forward and both backward kernels compute xhat and ln
+    # through these helpers, so ln is rounded identically by construction (as csrc's norm_apply).
+    @triton.jit
+    def _xhat_tile(x_ptr, rows64, cols, msk, stride_xm, mean, rstd):
+        """xhat = (x - mean) rstd, fp32 [BLOCK_M, BLOCK_K], of x's tile (masked loads read 0)."""
+        xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=msk, other=0.0)
+        return (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
+
+    @triton.jit
+    def _ln_tile(xhat, w, b, HAS_BIAS: tl.constexpr):
+        """ln = xhat (w + shift) (+ b) in fp32; ``w`` already holds w + shift, ``b`` the bias
+        (read only when HAS_BIAS). The callers round it to the activations' dtype."""
+        y = xhat * w[None, :]
+        if HAS_BIAS:
+            y += b[None, :]
+        return y
+
+    @triton.jit
+    def _grad_tile(g_ptr, go_ptr, rows64, cols, msk, stride_gm, stride_gk, stride_om,
+                   stride_ok, HAS_LN_GRAD: tl.constexpr):
+        """g = dln (+ dln_out, the gradient of the returned ln), fp32, any strides."""
+        g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gk, mask=msk,
+                    other=0.0).to(tl.float32)
+        if HAS_LN_GRAD:
+            g += tl.load(go_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_ok,
+                         mask=msk, other=0.0).to(tl.float32)
+        return g
+
     @triton.jit
     def _norm_lora_fwd_kernel(
         x_ptr,  # [M, K] norm input; row stride stride_xm, unit column stride
@@ -192,12 +220,12 @@ if HAS_TRITON:
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             msk = row_ok[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=msk, other=0.0)
             w = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + gamma_shift
-            y = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None] * w[None, :]
+            bias = w  # a placeholder unless HAS_BIAS
             if HAS_BIAS:
-                y += tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            ln = y.to(ln_ptr.dtype.element_ty)
+                bias = tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xhat = _xhat_tile(x_ptr, rows64, cols, msk, stride_xm, mean, rstd)
+            ln = _ln_tile(xhat, w, bias, HAS_BIAS).to(ln_ptr.dtype.element_ty)
             tl.store(ln_ptr + rows64[:, None] * K + cols[None, :], ln, mask=msk & first)
             lnf = tl.where(msk, ln.to(tl.float32), 0.0)
             if HAS_DROPOUT:
@@ -244,14 +272,10 @@ if HAS_TRITON:
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             msk = row_ok[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=msk, other=0.0)
-            g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gk, mask=msk,
-                        other=0.0).to(tl.float32)
-            if HAS_LN_GRAD:
-                g += tl.load(go_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_ok,
-                             mask=msk, other=0.0).to(tl.float32)
+            g = _grad_tile(g_ptr, go_ptr, rows64, cols, msk, stride_gm, stride_gk, stride_om,
+                           stride_ok, HAS_LN_GRAD)
             w = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + gamma_shift
-            xhat = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xhat = _xhat_tile(x_ptr, rows64, cols, msk, stride_xm, mean, rstd)
             wdy = w[None, :] * g
             c1 += tl.sum(xhat * wdy, axis=1)
             c2 += tl.sum(wdy, axis=1)
@@ -263,14 +287,10 @@ if HAS_TRITON:
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             msk = row_ok[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=msk, other=0.0)
-            g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gk, mask=msk,
-                        other=0.0).to(tl.float32)
-            if HAS_LN_GRAD:
-                g += tl.load(go_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_ok,
-                             mask=msk, other=0.0).to(tl.float32)
+            g = _grad_tile(g_ptr, go_ptr, rows64, cols, msk, stride_gm, stride_gk, stride_om,
+                           stride_ok, HAS_LN_GRAD)
             w = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + gamma_shift
-            xhat = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xhat = _xhat_tile(x_ptr, rows64, cols, msk, stride_xm, mean, rstd)
             dx = (w[None, :] * g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             tl.store(dx_ptr + rows64[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=msk)
@@ -333,21 +353,15 @@ if HAS_TRITON:
             row_ok = rows < M
             rows64 = rows.to(tl.int64)
             msk = row_ok[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=msk, other=0.0)
-            g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gk, mask=msk,
-                        other=0.0).to(tl.float32)
-            if HAS_LN_GRAD:
-                g += tl.load(go_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_ok,
-                             mask=msk, other=0.0).to(tl.float32)
+            g = _grad_tile(g_ptr, go_ptr, rows64, cols, msk, stride_gm, stride_gk, stride_om,
+                           stride_ok, HAS_LN_GRAD)
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-            xhat = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xhat = _xhat_tile(x_ptr, rows64, cols, msk, stride_xm, mean, rstd)
             dw += tl.sum(g * xhat, axis=0)
             db += tl.sum(g, axis=0)
-            y = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None] * w[None, :]
-            if HAS_BIAS:
-                y += b[None, :]
-            lnf = tl.where(msk, y.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            ln = _ln_tile(xhat, w, b, HAS_BIAS).to(x_ptr.dtype.element_ty)
+            lnf = tl.where(msk, ln.to(tl.float32), 0.0)
             if HAS_DROPOUT:
                 lnf = tl.where(keep_mask(seed, rows, cols, K, p), lnf, 0.0)
             dsv = tl.load(ds_ptr + rows64[:, None] * R + ranks[None, :],
