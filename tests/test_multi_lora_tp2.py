@@ -152,12 +152,46 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
     return rel_err(got.reshape(want.shape), want)  # NaN (a padding rank read) fails
 
 
+def _check_sharded_state_dict(kind: str, rank: int, group) -> None:
+    """Every slot's factors in the layer's sharded_state_dict: this rank's shard of the full
+    (gathered) slot weight at the offset it states, in a tensor of the full shape, so a slot
+    checkpoint written at TP=2 reshards like the base's."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from tests.megatron_utils import make_config
+    from tests.test_multi_lora_layers import make_base, make_layer
+
+    cfg = make_config(tensor_model_parallel_size=TP, hidden_size=K)
+    layer = make_layer(make_base(kind, k=K, n=N, cfg=cfg), backend="eager", ranks=RANKS,
+                       alphas=ALPHAS, r_max=R_MAX)
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    sd = layer.sharded_state_dict("l.", (), {"dp_cp_group": dp})  # as a model passes it
+    assert isinstance(sd.get("l.weight"), ShardedTensor), sorted(sd)
+    a_dim = 0 if kind == "column" else 1  # A [r_max, K]: rank-split (column) or K-split (row)
+    for i, slot in enumerate(layer.adapters):
+        for name, dim in (("linear_in", a_dim), ("linear_out", 0)):
+            key = f"l.adapters.{i}.{name}.weight"
+            st = sd[key]
+            local = getattr(slot, name).weight.detach()
+            full = _gather(local, dim, group)
+            assert isinstance(st, ShardedTensor) and tuple(st.global_shape) == tuple(full.shape), \
+                (key, st)
+            where = tuple(slice(o, o + n) for o, n in zip(st.global_offset, local.shape,
+                                                           strict=True))
+            assert torch.equal(full[where].nan_to_num(), st.data.nan_to_num()), key
+            assert st.global_offset[dim] == rank * local.shape[dim], (key, st.global_offset)
+
+
 def _worker(rank: int) -> None:
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     for case in CASES:  # ~8 s for all of them; the spawn and imports dominate the test's time
         _check_case(case, rank, group)
+    for kind in ("column", "row"):
+        _check_sharded_state_dict(kind, rank, group)
 
 
 @pytest.mark.slow
