@@ -1,5 +1,6 @@
 """Numerics shared by the tests and the benchmarks: tolerances per dtype, the relative error every
-comparison uses, and the random input factories (written once; import them, never copy them).
+comparison uses, the random input factories and the per-slot multi-LoRA oracle (written once;
+import them, never copy them).
 
 Tolerances are relative-norm bounds ||out - ref|| / ||ref|| against the fp64 reference, about one
 ulp of the storage type for outputs rounded once from fp32 accumulators (bf16 2^-7, fp16 2^-10),
@@ -91,6 +92,41 @@ def norm_lora_inputs(shape: tuple[int, ...], n: int, r: int, dtype: torch.dtype,
         "lora_b": rnd(n, r),
     }
     return {name: None if v is None else v.to(device=device, dtype=dtype) for name, v in t.items()}
+
+
+def slotwise_lora_ref(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, slot_a,
+                      slot_b, tokens, ranks, alphas, dy2d: torch.Tensor, *, p: float = 0.0,
+                      pos: str = "pre", mask: torch.Tensor | None = None,
+                      skip_bias_add: bool = False):
+    """The multi-LoRA oracle: single LoRA (``bridge.kernels.lora_linear_ref``, fp64) slot by
+    slot, slot j with its first ``ranks[j]`` factors and scale ``alphas[j] / ranks[j]`` on its
+    ``tokens[j]`` rows of x2d [M, K] (dY dy2d [M, N]; ``mask`` the keep mask of those rows,
+    [M, K] 'pre' or [M, N] 'post'). ``slot_a`` / ``slot_b``: [n, r_max, K] / [n, N, r_max], or
+    lists of [r_max, K] / [N, r_max]. Returns fp64 (y [M, N], dx [M, K], dbias [N] or None,
+    dA [n, r_max, K], dB [n, N, r_max]) with zeros in the rank padding."""
+    from bridge.kernels import lora_linear_ref
+
+    d = lambda t: t.detach().double()  # noqa: E731
+    masks = [None] * len(tokens) if mask is None else list(mask.split(list(tokens)))
+    b64 = None if b is None else d(b).requires_grad_()
+    ys, dxs, das, dbs = [], [], [], []
+    rows = zip(d(x2d).split(list(tokens)), d(dy2d).split(list(tokens)), masks, strict=True)
+    for j, (xj, gj, mj) in enumerate(rows):
+        r = int(ranks[j])
+        xj = xj.clone().requires_grad_()
+        a = d(slot_a[j])[:r].clone().requires_grad_()
+        bb = d(slot_b[j])[:, :r].clone().requires_grad_()
+        y = lora_linear_ref(xj, d(w), b64, a, bb, scale=alphas[j] / r, dropout=p,
+                            dropout_mask=mj, dropout_position=pos, skip_bias_add=skip_bias_add)
+        y.backward(gj)
+        ys.append(y.detach())
+        dxs.append(xj.grad)
+        da, db = torch.zeros_like(d(slot_a[j])), torch.zeros_like(d(slot_b[j]))
+        da[:r], db[:, :r] = a.grad, bb.grad
+        das.append(da)
+        dbs.append(db)
+    dbias = None if b64 is None else b64.grad
+    return torch.cat(ys), torch.cat(dxs), dbias, torch.stack(das), torch.stack(dbs)
 
 
 def grads(*tensors):

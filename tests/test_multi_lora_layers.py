@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-from bridge.kernels import lora_linear_ref
 from bridge.kernels.philox import draw_seed, dropout_keep_mask
 from torch import nn
 
@@ -30,7 +29,7 @@ from bridge.peft.multi_lora_layers import (
     set_tokens_per_adapter_slot,
 )
 from tests.conftest import KERNEL_DEVICE, requires_kernel_device
-from tests.numerics import dtype_tol, rel_err
+from tests.numerics import dtype_tol, rel_err, slotwise_lora_ref
 
 K, N, R_MAX = 40, 24, 8
 TOKENS = [5, 0, 13, 2]  # uneven, one empty slot; 20 rows = x [10, 2, K]
@@ -101,31 +100,6 @@ def step_seed(device="cpu") -> torch.Tensor:
     return draw_seed(torch.device(device))
 
 
-def oracle(w, b, slot_a, slot_b, ranks, alphas, x2d, dy2d, tokens, *, p=0.0, pos="pre",
-           mask=None):
-    """fp64 single LoRA per slot on its rows: (y [M, N], dx, dA per slot, dB per slot), the
-    factors given whole ([r_max, K] / [N, r_max]); padding gradients zero."""
-    d = lambda t: t.detach().double()  # noqa: E731
-    masks = [None] * len(tokens) if mask is None else list(mask.split(tokens))
-    ys, dxs, das, dbs = [], [], [], []
-    rows = zip(d(x2d).split(tokens), d(dy2d).split(tokens), masks, strict=True)
-    for j, (xj, gj, mj) in enumerate(rows):
-        r = ranks[j]
-        xj = xj.clone().requires_grad_(True)
-        a = d(slot_a[j])[:r].clone().requires_grad_(True)
-        bb = d(slot_b[j])[:, :r].clone().requires_grad_(True)
-        y = lora_linear_ref(xj, d(w), None if b is None else d(b), a, bb, scale=alphas[j] / r,
-                            dropout=p, dropout_mask=mj, dropout_position=pos)
-        y.backward(gj)
-        ys.append(y.detach())
-        dxs.append(xj.grad)
-        da, db = torch.zeros_like(d(slot_a[j])), torch.zeros_like(d(slot_b[j]))
-        da[:r], db[:, :r] = a.grad, bb.grad
-        das.append(da)
-        dbs.append(db)
-    return torch.cat(ys), torch.cat(dxs), das, dbs
-
-
 def check_layer(layer, x, tokens, *, p=0.0, pos="pre", tol=None):
     """The layer's y and every gradient against the oracle; padding gradients exactly 0."""
     y, dx, das, dbs, dy = run(layer, x, tokens)
@@ -137,8 +111,10 @@ def check_layer(layer, x, tokens, *, p=0.0, pos="pre", tol=None):
     if p > 0:
         shape = x2d.shape if pos == "pre" else (x2d.shape[0], base.weight.shape[0])
         mask = dropout_keep_mask(step_seed(x.device), shape, p, x.device)
-    ref = oracle(base.weight, base.bias, slots_a, slots_b, layer._slot_rank, layer._slot_alpha,
-                 x2d, dy.reshape(-1, dy.shape[-1]), tokens, p=p, pos=pos, mask=mask)
+    ref = slotwise_lora_ref(x2d, base.weight, base.bias, slots_a, slots_b, tokens,
+                            layer._slot_rank, layer._slot_alpha, dy.reshape(-1, dy.shape[-1]),
+                            p=p, pos=pos, mask=mask)
+    ref = (ref[0], ref[1], ref[3], ref[4])  # y, dx, dA, dB
     tol = tol or dtype_tol(x.dtype, "chain")
     errs = {"y": rel_err(y.reshape(ref[0].shape), ref[0]), "dx": rel_err(dx.reshape(x2d.shape),
                                                                           ref[1])}

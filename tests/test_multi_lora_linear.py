@@ -19,14 +19,13 @@ import math
 import pytest
 import torch
 from bridge.kernels import backend as backend_mod
-from bridge.kernels import lora_linear_ref
 from bridge.kernels.backend import BackendUnavailableError
 from bridge.kernels.multi_lora_linear import multi_lora_linear, multi_lora_linear_ref
 from bridge.kernels.philox import dropout_keep_mask
 
 from tests.conftest import KERNEL_DEVICE as DEV
 from tests.conftest import requires_kernel_device
-from tests.numerics import dtype_tol, lora_inputs, rel_err
+from tests.numerics import dtype_tol, lora_inputs, rel_err, slotwise_lora_ref
 
 mlora = importlib.import_module("bridge.kernels.multi_lora_linear")
 mlora_kernels = importlib.import_module("bridge.kernels._multi_lora_kernels")
@@ -50,32 +49,6 @@ def _inputs(tokens, k, n, r_max, ranks, dtype, *, lead=None, bias=True, seed=0):
     return x, w, b, a, bb
 
 
-def _oracle(x, w, b, a, bb, tokens, ranks, alphas, dy, *, p, pos, mask, skip):
-    """fp64 y, dx, dbias, dA, dB from single LoRA slot by slot (zeros in the rank padding)."""
-    k, n = w.shape[1], w.shape[0]
-    x2d, dy2d = x.detach().double().reshape(-1, k), dy.double().reshape(-1, n)
-    masks = [None] * len(tokens)
-    if mask is not None:
-        masks = mask.reshape(-1, mask.shape[-1]).split(tokens)
-    b64 = None if b is None else b.detach().double().requires_grad_()
-    ys, dxs = [], []
-    da, db = torch.zeros(a.shape, dtype=torch.float64), torch.zeros(bb.shape, dtype=torch.float64)
-    pieces = zip(x2d.split(tokens), dy2d.split(tokens), masks, strict=True)
-    for j, (rows, g, mj) in enumerate(pieces):
-        r = ranks[j]
-        xs = rows.clone().requires_grad_()
-        aj = a[j, :r].detach().double().requires_grad_()
-        bj = bb[j, :, :r].detach().double().requires_grad_()
-        y = lora_linear_ref(xs, w.double(), b64, aj, bj, scale=alphas[j] / r, dropout=p,
-                            dropout_mask=mj, dropout_position=pos, skip_bias_add=skip)
-        y.backward(g)
-        ys.append(y.detach())
-        dxs.append(xs.grad)
-        da[j, :r], db[j, :, :r] = aj.grad, bj.grad
-    dbias = None if b64 is None else b64.grad
-    return torch.cat(ys).view(*x.shape[:-1], n), torch.cat(dxs).view(x.shape), dbias, da, db
-
-
 def _check(x, w, b, a, bb, tokens, ranks, alphas, *, p=0.0, pos="pre", skip=False,
            backend="triton", gemm="fused", dy=None, tol=None):
     """Run the op, compare y and all gradients with the oracle; padding grads exactly zero."""
@@ -87,8 +60,11 @@ def _check(x, w, b, a, bb, tokens, ranks, alphas, *, p=0.0, pos="pre", skip=Fals
     mask = None
     if p > 0:  # one seed, one mask on every backend (kernels/philox.py)
         mask = dropout_keep_mask(SEED, x.shape if pos == "pre" else y.shape, p, DEV)
-    y_ref, dx_ref, dbias_ref, da_ref, db_ref = _oracle(
-        x, w, b, a, bb, tokens, ranks, alphas, dy, p=p, pos=pos, mask=mask, skip=skip)
+    k, n = w.shape[1], w.shape[0]
+    y_ref, dx_ref, dbias_ref, da_ref, db_ref = slotwise_lora_ref(
+        x.reshape(-1, k), w, b, a, bb, tokens, ranks, alphas, dy.reshape(-1, n), p=p, pos=pos,
+        mask=None if mask is None else mask.reshape(-1, mask.shape[-1]), skip_bias_add=skip)
+    y_ref, dx_ref = y_ref.view(*x.shape[:-1], n), dx_ref.view(x.shape)
     tol = tol or dtype_tol(x.dtype)
     assert y.dtype == x.dtype and y.shape == y_ref.shape
     errs = {"y": rel_err(y, y_ref), "dx": rel_err(x.grad, dx_ref), "dA": rel_err(a.grad, da_ref),

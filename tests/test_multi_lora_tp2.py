@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.numerics import dtype_tol, rel_err
+from tests.numerics import dtype_tol, rel_err, slotwise_lora_ref
 
 pytest.importorskip("megatron.core", reason="megatron-core not installed")
 
@@ -71,7 +71,7 @@ def _check_case(case: Case, rank: int, group) -> None:
 
     from bridge.peft.multi_lora_forward import multi_lora_plan
     from tests.megatron_utils import make_config
-    from tests.test_multi_lora_layers import make_base, make_layer, oracle, run, step_seed
+    from tests.test_multi_lora_layers import make_base, make_layer, run, step_seed
 
     cfg = make_config(tensor_model_parallel_size=TP, sequence_parallel=case.sp, hidden_size=K)
     base = make_base(case.kind, k=K, n=N, cfg=cfg)
@@ -119,9 +119,9 @@ def _check_case(case: Case, rank: int, group) -> None:
             mask = dropout_keep_mask(seed, (m, N), case.p, "cpu")
         else:
             mask = dropout_keep_mask(seed, (m // TP, N), case.p, "cpu").repeat(TP, 1)
-    y_ref, dx_ref, da_ref, db_ref = oracle(w, bias, slots_a, slots_b, RANKS, ALPHAS,
-                                           x_full.reshape(-1, K), dy_full.reshape(-1, N), TOKENS,
-                                           p=case.p, pos=case.pos, mask=mask)
+    y_ref, dx_ref, _, da_ref, db_ref = slotwise_lora_ref(
+        x_full.reshape(-1, K), w, bias, slots_a, slots_b, TOKENS, RANKS, ALPHAS,
+        dy_full.reshape(-1, N), p=case.p, pos=case.pos, mask=mask)
     y_ref, dx_ref = y_ref.view(S, B, N), dx_ref.view(S, B, K)
     if case.kind == "column":
         want_y, want_dx = _piece(y_ref, 2, rank), (_piece(dx_ref, 0, rank) if case.sp else dx_ref)
