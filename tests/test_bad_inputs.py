@@ -25,17 +25,32 @@ from tests.numerics import assert_close_rel
 
 # ---- torch.compile of a module on the eager fallback ----------------------------------------------
 def test_compile_fullgraph_of_a_module_on_the_eager_fallback(monkeypatch, caplog):
+    """Compiled first (the fallback's log-once memory cleared, so the trace meets the fallback
+    before any eager call has logged it): fullgraph=True traces, the result is the module's,
+    and the fallback is logged by the next eager call, outside the traced region."""
+    from bridge.kernels.backend import _log_once
+
+    from bridge.peft import kernel_report
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no GPU here: 'auto' falls back to eager
     torch.manual_seed(0)
     lin = nn.Linear(8, 6)
     module = LoRALinear(lin, LinearAdapter(lin, dim=2, lora_B_init_method="normal"))
     module.requires_grad_(False)
     x = torch.randn(3, 8)
-    want = module(x)
+    a, b = module.adapter.linear_in.weight, module.adapter.linear_out.weight
+    want = x @ lin.weight.t() + lin.bias + module.adapter.scale * (x @ a.t()) @ b.t()
+    _log_once.cache_clear()
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING, logger="bridge.kernels"):
         got = torch.compile(module, fullgraph=True, backend="eager")(x)
+        assert not [r for r in caplog.records if "eager backend" in r.getMessage()]
+        module(x)
     assert_close_rel(got, want, 1e-6, "compiled eager fallback")
+    assert [r.getMessage() for r in caplog.records if "eager backend" in r.getMessage()] == [
+        "bridge.kernels: lora_linear runs on the eager backend: triton: no GPU"]
+    (row,) = kernel_report(module)
+    assert row.path == "eager" and "no GPU" in row.reason
 
 
 # ---- meta tensors --------------------------------------------------------------------------------
