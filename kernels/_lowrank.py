@@ -31,9 +31,10 @@ if HAS_TRITON:
     def _lora_linear_shrink_kernel(
         x_ptr,  # [M, K] input (strided), x dtype
         a_ptr,  # [R, K] lora_a (strided)
-        s_ptr,  # [M, R] fp32 output S, contiguous
+        s_ptr,  # [SPLIT, M, R] fp32 output: S (SPLIT = 1), else per-K-split partials
         seed_ptr,  # int64 [1] dropout seed (read only when HAS_DROPOUT)
         M, K, R,  # sizes (runtime: a new rank or length never recompiles)
+        cols_per_split,  # columns of K each split reduces (a multiple of every BLOCK_K)
         stride_xm, stride_xk,  # x strides (elements)
         stride_ar, stride_ak,  # lora_a strides
         p,  # fp32 dropout probability
@@ -45,31 +46,35 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,  # reduction step
         BLOCK_R: tl.constexpr,  # rank tile (padded rank bucket, >= 16)
     ):
-        """S[m, j] = sum_k x~[m, k] A[j, k], x~ = x * m / (1 - p): grid (M tiles, R tiles)."""
+        """S[m, j] = sum_k x~[m, k] A[j, k], x~ = x * m / (1 - p): grid (M tiles, R tiles, K
+        splits); split c reduces columns [c * cols_per_split, next) (the host sums the splits)."""
         pid_m = tl.program_id(0)
         pid_r = tl.program_id(1)
+        pid_c = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rk0 = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         r_ok = rr < R
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        a_cols = a_ptr + rr.to(tl.int64)[None, :] * stride_ar
+        k_lo = pid_c * cols_per_split
+        cols_here = tl.minimum(K - k_lo, cols_per_split)  # tile-uniform trip count, tail masked
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + k_lo.to(tl.int64) * stride_xk
+        a_cols = a_ptr + rr.to(tl.int64)[None, :] * stride_ar + k_lo.to(tl.int64) * stride_ak
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + rk0
-            k_ok = rk < K
+        for k0 in range(0, cols_here, BLOCK_K):
+            rk = k0 + rk0  # columns within this split
+            k_ok = rk < cols_here
             x = load_f32(x_rows + rk[None, :] * stride_xk, m_ok[:, None] & k_ok[None, :], INTERPRET)
             if HAS_DROPOUT:
                 # zeroing is exact; the 1/(1-p) factor is applied once, in fp32, at the end
-                x = tl.where(keep_mask(seed, rm, rk, K, p), x, tl.zeros_like(x))
+                x = tl.where(keep_mask(seed, rm, k_lo + rk, K, p), x, tl.zeros_like(x))
             a = load_f32(a_cols + rk[:, None] * stride_ak, k_ok[:, None] & r_ok[None, :], INTERPRET)
             acc = tl.dot(x, a, acc, input_precision=PRECISION)
         if HAS_DROPOUT:
             acc = acc * keep_scale
-        s_ptrs = s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
+        s_ptrs = s_ptr + pid_c.to(tl.int64) * M * R + rm.to(tl.int64)[:, None] * R + rr[None, :]
         tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
@@ -257,7 +262,8 @@ def _configs_sm80() -> dict[str, list]:
         # shrink: streams x once per rank tile; the 'pre' mask of the x tile sets the budget
         "shrink": [
             cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
-            cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+            # 4 warps: with 8, triton 3.6 caps the split-K kernel at 128 registers and spills 4 B
+            cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
             cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
         ],
         # dS/dB: 8 warps hold the [128, BLOCK_R] dS accumulator and the S tile without spilling
@@ -348,17 +354,21 @@ def launch_shrink(x2d: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor
     x~ = x * m / (1 - p) with the 'pre' mask of ``seed`` when given (philox.py)."""
     m, k = x2d.shape
     r = lora_a.shape[0]
-    s_mat = torch.empty((m, r), dtype=torch.float32, device=x2d.device)
     if m == 0:
-        return s_mat
-    on, seed_arg, p_arg, keep = dropout_args(seed, p, s_mat)
+        return torch.empty((0, r), dtype=torch.float32, device=x2d.device)
     block_r = rank_block(r)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+    # the split is fixed before the autotuner picks BLOCK_M: count programs with the widest
+    # row tile (M=2048, K=4096 on 132 SMs: 16 row tiles get 8 splits of 512 columns)
+    widest = max(c.kwargs["BLOCK_M"] for c in configs(current_arch(x2d.device), "shrink"))
+    split, cols = fill_split(k, triton.cdiv(m, widest) * triton.cdiv(r, block_r), x2d.device)
+    s_mat = torch.empty((split, m, r), dtype=torch.float32, device=x2d.device)
+    on, seed_arg, p_arg, keep = dropout_args(seed, p, s_mat)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r), split)
     _kernel(_lora_linear_shrink_kernel, "shrink", x2d.device)[grid](
-        x2d, lora_a, s_mat, seed_arg, m, k, r, x2d.stride(0), x2d.stride(1),
+        x2d, lora_a, s_mat, seed_arg, m, k, r, cols, x2d.stride(0), x2d.stride(1),
         lora_a.stride(0), lora_a.stride(1), p_arg, keep, HAS_DROPOUT=on,
         BLOCK_R=block_r, **launch_common(x2d.device, x2d.dtype))
-    return s_mat
+    return s_mat[0] if split == 1 else s_mat.sum(0)
 
 
 
@@ -500,8 +510,8 @@ def aot_specs() -> list[dict]:
     dt, f32, i32, i64p, f32p = "*bf16", "fp32", "i32", "*i64", "*fp32"
     common = {"INTERPRET": False, "PRECISION": "ieee", "BLOCK_R": 64}
     shrink_sig = {"x_ptr": dt, "a_ptr": dt, "s_ptr": f32p, "seed_ptr": i64p, "M": i32, "K": i32,
-                  "R": i32, "stride_xm": i32, "stride_xk": 1, "stride_ar": i32, "stride_ak": 1,
-                  "p": f32, "keep_scale": f32}
+                  "R": i32, "cols_per_split": i32, "stride_xm": i32, "stride_xk": 1,
+                  "stride_ar": i32, "stride_ak": 1, "p": f32, "keep_scale": f32}
     dsdb_sig = {"dy_ptr": dt, "b_ptr": dt, "s_ptr": f32p, "ds_ptr": f32p, "dbp_ptr": f32p,
                 "seed_ptr": i64p, "M": i32, "N": i32, "R": i32, "cols_per_split": i32,
                 "stride_dym": i32, "stride_dyn": 1, "stride_bn": i32, "stride_br": 1, "scale": f32, "p": f32,

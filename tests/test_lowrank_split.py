@@ -1,8 +1,8 @@
-"""The split reductions of kernels/_lowrank.py: dA over M (``launch_da``) and dS over N
-(``launch_dsdb``), whose programs reduce disjoint ranges into fp32 partials summed on the host in
-a fixed order. Against the fp64 reference at sizes around the split boundaries, with the masks
-regenerated, strided and stride-0 inputs, bitwise-repeatable; the split rule fills the GPU as its
-docstring says."""
+"""The split reductions of kernels/_lowrank.py: S over K (``launch_shrink``), dA over M
+(``launch_da``) and dS over N (``launch_dsdb``), whose programs reduce disjoint ranges into fp32
+partials summed on the host in a fixed order. Against the fp64 reference at sizes around the
+split boundaries, with the masks regenerated, strided and stride-0 inputs, bitwise-repeatable;
+the split rule fills the GPU as its docstring says."""
 
 from __future__ import annotations
 
@@ -99,3 +99,23 @@ def test_dsdb_with_a_stride_0_gradient_splits_too():
     ds, db = lowrank.launch_dsdb(dy, lora_b, s_mat, 2.0)
     assert rel_err(ds, 2.0 * dy.double() @ lora_b.double()) < dtype_tol(torch.float32, "chain")
     assert rel_err(db, 2.0 * dy.double().t() @ s_mat.double()) < dtype_tol(torch.float32, "chain")
+
+
+@pytest.mark.parametrize("k", [1, 64, 65, 200, 333])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_shrink_matches_the_fp64_reference(k, p, dtype):
+    g = torch.Generator().manual_seed(k)
+    m, r = 21, 6
+    x = torch.randn(k, m, generator=g).to(dtype).t()  # strided [m, k]
+    lora_a = torch.randn(r, k, generator=g).to(dtype)
+    seed = philox.seed_tensor(7 + k, x.device) if p > 0 else None
+    assert (lowrank.fill_split(k, 1, x.device)[0] > 1) == (k > 64)
+    x64 = x.double()
+    if seed is not None:
+        keep = philox.dropout_keep_mask(seed, (m, k), p, x.device)
+        x64 = torch.where(keep, x64, 0.0) / (1.0 - p)
+    s_mat = lowrank.launch_shrink(x, lora_a, seed=seed, p=p)
+    assert s_mat.shape == (m, r) and s_mat.dtype == torch.float32 and s_mat.is_contiguous()
+    assert rel_err(s_mat, x64 @ lora_a.double().t()) < dtype_tol(dtype, "chain"), k
+    assert torch.equal(s_mat, lowrank.launch_shrink(x, lora_a, seed=seed, p=p))
