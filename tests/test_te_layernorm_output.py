@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bridge.peft import DoRA, LoRA
+from bridge.peft import DoRA, LoRA, kernel_report
+from tests.conftest import requires_kernel_device
 from tests.numerics import assert_close_rel, dtype_tol
 from tests.te_standins import LayerNormLinear
 
@@ -46,14 +47,19 @@ def base_out_and_ln(base: nn.Module, x: torch.Tensor):
     return out.double(), ln_out.double()
 
 
+KINDS = ["lora-eager", pytest.param("lora-triton", marks=requires_kernel_device()), "dora"]
+
+
 @pytest.mark.parametrize("return_bias", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_adapter_over_te_layernorm_linear_reads_its_layernorm_output(kind, bias, return_bias):
+    """LoRA on the eager module path and on the fused norm op, DoRA (eager)."""
     base = te_layernorm_linear(bias, return_bias)
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(3))
     plain_before = base(x)
-    extra = {"kernel_backend": "eager"} if kind == "lora" else {}
+    kind, _, backend = kind.partition("-")
+    extra = {"kernel_backend": backend} if kind == "lora" else {}
     transform = (LoRA if kind == "lora" else DoRA)(target_modules=["linear_qkv"], dim=R,
                                                      alpha=ALPHA, **extra)
     model = transform(Holder(base))
@@ -85,6 +91,8 @@ def test_an_adapter_over_te_layernorm_linear_reads_its_layernorm_output(kind, bi
     assert_close_rel(got, want, dtype_tol(torch.float32, "chain"), f"{kind} output")
     # and the ln output really differs from x (a test that reads x would fail)
     assert not torch.allclose(ln_out.float(), x, atol=1e-2)
+    (row,) = kernel_report(model)
+    assert row.path == ("fused" if backend == "triton" else "eager"), row
 
 
 def test_the_te_ln_output_pair_is_told_apart_from_out_and_bias():
