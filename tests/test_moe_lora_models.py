@@ -182,3 +182,51 @@ def test_sequential_and_grouped_layouts_agree(megatron_tp1, share):
             got = grads[1][f"decoder.layers.0.mlp.experts.{fc}.adapter.{name}.weight"]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{fc}.{name}")
             assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout, kw", [("sequential", {}), ("grouped", {}),
+                                        ("grouped", {"share_expert_adapters": False}),
+                                        ("grouped", {"experts_shared_outer_loras": True})])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_lora_routes_each_moe_linear_to_its_wrapper(megatron_tp1, layout, kw, overlap):
+    """Attention and shared-expert linears: LoRALinear (the shared experts communicate like
+    dense linears) unless megatron's moe_shared_expert_overlap took their TP communication away
+    (``explicit_expert_comm``, set here as megatron-core 0.16's SharedExpertMLP sets it: its
+    overlap needs the all-to-all dispatcher's CUDA streams): then ExpertLoRALinear with a gathered
+    factor. Expert linears: ExpertLoRALinear with the layout's adapter; the router:
+    LoRATopKRouter."""
+    from bridge.peft import ParallelLinearAdapter
+    from bridge.peft.expert_adapters import (
+        GroupedExpertLinearAdapter,
+        SharedOuterGroupedExpertAdapter,
+    )
+    from bridge.peft.expert_lora_layers import ExpertLoRALinear
+    from bridge.peft.lora_layers import LoRALinear, LoRATopKRouter
+
+    model = moe_gpt(layout, moe_config())
+    mlp = model.decoder.layers[0].mlp
+    if overlap:
+        for linear in (mlp.shared_experts.linear_fc1, mlp.shared_experts.linear_fc2):
+            linear.explicit_expert_comm = True
+    apply_lora(model, **kw)
+    mlp = model.decoder.layers[0].mlp
+    attn = model.decoder.layers[0].self_attention
+    for wrapper in (attn.linear_qkv, attn.linear_proj):
+        assert type(wrapper) is LoRALinear and not wrapper.adapter.explicit_comm
+    for wrapper in (mlp.shared_experts.linear_fc1, mlp.shared_experts.linear_fc2):
+        assert type(wrapper) is (ExpertLoRALinear if overlap else LoRALinear)
+        assert type(wrapper.adapter) is ParallelLinearAdapter
+        assert wrapper.adapter.explicit_comm == overlap and not wrapper.adapter.is_expert
+    assert type(mlp.router) is LoRATopKRouter
+    if layout == "sequential":
+        experts = [w for e in mlp.experts.local_experts for w in (e.linear_fc1, e.linear_fc2)]
+        kinds = {ParallelLinearAdapter}
+    else:
+        experts = [mlp.experts.linear_fc1, mlp.experts.linear_fc2]
+        kinds = {SharedOuterGroupedExpertAdapter if kw.get("experts_shared_outer_loras") else
+                 GroupedExpertLinearAdapter if "share_expert_adapters" in kw else
+                 ParallelLinearAdapter}
+    assert len(experts) == (2 * EXPERTS if layout == "sequential" else 2)
+    for wrapper in experts:
+        assert type(wrapper) is ExpertLoRALinear and {type(wrapper.adapter)} == kinds
+        assert wrapper.adapter.is_expert
