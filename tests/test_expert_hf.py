@@ -229,3 +229,36 @@ def test_peft_loads_the_export_into_hf_mixtral_and_gives_our_moe_output(layout, 
     assert_close_rel(hf_base, ours_base, tol, "the base MoE layers agree")
     assert_close_rel(hf_lora.transpose(0, 1), ours, tol, "PEFT's LoRA vs ours")
     assert (ours - ours_base).abs().max() > 1e-2  # the adapters matter
+
+
+def test_expert_ranks_of_normalize_moe_lora_go_to_rank_pattern(tmp_path):
+    """normalize_moe_lora gives experts rank dim // topk: the export names each module whose
+    rank differs from the file's r in rank_pattern (exactly that module), and imports back."""
+    import json
+    import re
+
+    from bridge.peft.hf import export_hf_adapter, import_hf_adapter
+
+    src = apply_lora(moe_gpt("grouped", moe_config()), share_expert_adapters=False,
+                     normalize_moe_lora=True)
+    experts = src.decoder.layers[0].mlp.experts
+    assert experts.linear_fc1.adapter.dim == 4 // TOPK
+    want, ref = _adapters(src), _logits(src)
+    export_hf_adapter(src, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    ranks = {}
+    for key in config.get("rank_pattern", {}):
+        assert re.fullmatch(r"[\w\\.]+", key), key  # an escaped module name, not a wildcard
+        ranks[key.replace("\\", "")] = config["rank_pattern"][key]
+    assert config["r"] == 4 // TOPK  # the 12 expert projections outnumber the 8 others
+    assert ranks == {m: 4 for m in (
+        *(f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"),
+        *(f"model.layers.0.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj",
+                                                            "down_proj")),
+        "model.layers.0.mlp.gate")}
+    dst = apply_lora(moe_gpt("grouped", moe_config()), share_expert_adapters=False,
+                     normalize_moe_lora=True, lora_B_init_method="zero")
+    import_hf_adapter(dst, tmp_path)
+    got = _adapters(dst)
+    assert not [n for n in want if not torch.equal(got[n], want[n])]
+    torch.testing.assert_close(_logits(dst), ref, rtol=0, atol=0)

@@ -296,7 +296,8 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
         The tensors written (PEFT key -> tensor).
 
     Raises:
-        ValueError: the model has no LoRA adapters on GPT linears, or their ranks/alphas differ.
+        ValueError: the model has no LoRA adapters on GPT linears, or their dropouts differ
+            (ranks and alphas that differ go to ``rank_pattern`` / ``alpha_pattern``).
         NotImplementedError: adapters without a PEFT name (listed; see ``skip_unmapped``),
             tensor-parallel size > 1, DoRA and LoRA layers mixed, a split fc1 adapter over a
             non-gated fc1.
@@ -313,11 +314,12 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
                          "(decoder.layers.N.{self_attention.linear_qkv|linear_proj, "
                          "mlp.linear_fc1|linear_fc2}, output_layer); apply LoRA first")
     adapters = [a for _, _, _, m in layers for a in _wrapper_adapters(m)]
-    hparams = {(a.dim, a.alpha, a.dropout_p) for a in adapters}
-    if len(hparams) != 1:
-        raise ValueError(f"adapters have different (rank, alpha, dropout): {sorted(hparams)}; "
-                         "one PEFT adapter_config holds one of each")
-    (rank, alpha, dropout), = hparams
+    dropouts = {a.dropout_p for a in adapters}
+    if len(dropouts) != 1:
+        raise ValueError(f"adapters have different dropout: {sorted(dropouts)}; one PEFT "
+                         "adapter_config holds one lora_dropout")
+    (dropout,) = dropouts
+    rank, alpha, patterns = _rank_alpha(layers, moe_style)
     use_dora = _uses_dora(layers)
     tensors, targets = {}, set()
     for index, tail, _, module in layers:
@@ -332,9 +334,25 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
         "base_model_name_or_path": None if base_model_name_or_path is None
         else os.fspath(base_model_name_or_path),
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        **patterns,
     }
     _write_atomically(os.fspath(directory), tensors, json.dumps(config, indent=2))
     return tensors
+
+
+def _rank_alpha(layers, style: str) -> tuple[int, float, dict]:
+    """(r, lora_alpha, {rank_pattern, alpha_pattern}) of the export: the most common rank and
+    alpha, and each PEFT module whose adapter differs (e.g. experts under normalize_moe_lora)
+    named exactly (its escaped full name, PEFT's pattern rule matches only it)."""
+    from collections import Counter
+
+    per = {hf: (a.dim, a.alpha) for index, tail, _, m in layers
+           for hf, a in _hf_adapters(index, tail, m, style).items()}
+    rank = Counter(r for r, _ in per.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in per.values()).most_common(1)[0][0]
+    patterns = {"rank_pattern": {re.escape(hf): r for hf, (r, _) in per.items() if r != rank},
+                "alpha_pattern": {re.escape(hf): a for hf, (_, a) in per.items() if a != alpha}}
+    return rank, alpha, {k: v for k, v in patterns.items() if v}
 
 
 def _normalise_key(key: str) -> str:
