@@ -36,17 +36,23 @@ numbers are the model's local ones.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import re
-import tempfile
 import warnings
 
 import torch
 from torch import nn
 
 from bridge.peft import _hf_moe as moe
+from bridge.peft._hf_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_config,
+    normalise_key,
+    read_config,
+    read_weights,
+    write_atomically,
+)
 from bridge.peft.adapter_io import AdapterLoadError
 from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.canonical_lora import (
@@ -62,8 +68,6 @@ from bridge.peft.tp import tp_group_and_size
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "export_hf_adapter", "import_hf_adapter"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HF_ROOT = "base_model.model"
 HF_PREFIX = f"{HF_ROOT}.model.layers"
 _LAYER = re.compile(r"(?:^|.*\.)decoder\.layers\.(\d+)\."
@@ -75,24 +79,6 @@ _HF_NAME = {"linear_q": "self_attn.q_proj", "linear_k": "self_attn.k_proj",
             "linear_v": "self_attn.v_proj", "linear_proj": "self_attn.o_proj",
             "linear_fc1_gate": "mlp.gate_proj", "linear_fc1_up": "mlp.up_proj",
             "linear_fc2": "mlp.down_proj", "output_layer": "lm_head"}
-# PEFT config fields whose non-default value this exchange cannot reproduce (value -> why)
-_REFUSED = {
-    "fan_in_fan_out": (lambda v: bool(v), "weights of a Conv1D (transposed) base"),
-    "bias": (lambda v: v not in (None, "none"), "trained biases, which LoRA here has not"),
-    "modules_to_save": (lambda v: bool(v), "whole trained modules beside the adapters"),
-    "use_rslora": (lambda v: bool(v), "a scale of alpha / sqrt(r), not alpha / r"),
-    "lora_bias": (lambda v: bool(v), "a bias on lora_B"),
-    "layer_replication": (lambda v: bool(v), "replicated layers"),
-    "use_qalora": (lambda v: bool(v), "QA-LoRA's pooled inputs"),
-    "trainable_token_indices": (lambda v: bool(v), "trained embedding rows"),
-    "target_parameters": (lambda v: bool(v), "LoRA on parameters, not modules"),
-    "alora_invocation_tokens": (lambda v: bool(v), "activated LoRA (applies after a token)"),
-    "use_bdlora": (lambda v: bool(v), "block-diagonal LoRA"),
-    "arrow_config": (lambda v: v is not None, "Arrow routing between adapters"),
-    "init_lora_weights": (lambda v: isinstance(v, str) and v.lower().startswith(
-        ("pissa", "olora", "corda", "loftq", "lora_ga")),
-        "an init that rewrote the base weights (the adapter belongs to that residual base)"),
-}
 
 
 def _hf_module(index: int | None, part: str) -> str:
@@ -252,32 +238,6 @@ def _mapped_layers(model: nn.Module, skip_unmapped: bool, verb: str, error):
     return layers
 
 
-def _write_atomically(directory: str, tensors: dict, config_text: str) -> None:
-    """Both files to temporary files in ``directory``, then renamed into place (a failure
-    before the renames leaves what was there; temporary files are removed)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    temps = []
-    try:
-        for suffix in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            fd, path = tempfile.mkstemp(dir=directory, prefix=f".{suffix}.", suffix=".tmp")
-            os.close(fd)
-            temps.append(path)
-        save_file(tensors, temps[0], metadata={"format": "pt"})
-        with open(temps[1], "w") as f:
-            f.write(config_text)
-        for path in temps:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(temps[0], os.path.join(directory, ADAPTER_WEIGHTS))
-        os.replace(temps[1], os.path.join(directory, ADAPTER_CONFIG))
-    finally:
-        for path in temps:
-            if os.path.exists(path):
-                os.remove(path)
-
-
 def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
                       base_model_name_or_path: str | os.PathLike | None = None, *,
                       skip_unmapped: bool = False,
@@ -336,7 +296,7 @@ def export_hf_adapter(model: nn.Module, directory: str | os.PathLike,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         **patterns,
     }
-    _write_atomically(os.fspath(directory), tensors, json.dumps(config, indent=2))
+    write_atomically(os.fspath(directory), tensors, json.dumps(config, indent=2))
     return tensors
 
 
@@ -353,62 +313,6 @@ def _rank_alpha(layers, style: str) -> tuple[int, float, dict]:
     patterns = {"rank_pattern": {re.escape(hf): r for hf, (r, _) in per.items() if r != rank},
                 "alpha_pattern": {re.escape(hf): a for hf, (_, a) in per.items() if a != alpha}}
     return rank, alpha, {k: v for k, v in patterns.items() if v}
-
-
-def _normalise_key(key: str) -> str:
-    """PEFT writes keys without the adapter name; accept ``lora_A.default.weight`` too."""
-    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
-
-
-def _read_config(directory: str) -> dict:
-    path = os.path.join(directory, ADAPTER_CONFIG)
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"{path} cannot be read as JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"{path} cannot be read as a PEFT config: it holds a "
-                               f"{type(config).__name__}, not an object")
-    return config
-
-
-def _check_number(path: str, field: str, value, integer: bool) -> None:
-    if integer:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-        want = "a positive int"
-    else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) \
-            and math.isfinite(value) and value > 0
-        want = "a finite number > 0"
-    if not ok:
-        raise AdapterLoadError(f"{path}: {field!r} must be {want}, got "
-                               f"{type(value).__name__} {value!r}")
-
-
-def _check_config(config: dict, path: str) -> None:
-    """Types of the fields read, and the fields that change the arithmetic (refused)."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterLoadError(f"{path}: only LoRA/DoRA adapters can be imported (got peft_type "
-                               f"{config.get('peft_type')!r})")
-    if "r" not in config:
-        raise AdapterLoadError(f"{path} has no 'r' (the LoRA rank); is it a PEFT LoRA config?")
-    _check_number(path, "r", config["r"], integer=True)
-    _check_number(path, "lora_alpha", config.get("lora_alpha", 8), integer=False)
-    for field in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(field) or {}
-        if not isinstance(pattern, dict):
-            raise AdapterLoadError(f"{path}: {field!r} must be an object, got "
-                                   f"{type(pattern).__name__}")
-        for key, value in pattern.items():
-            _check_number(path, f"{field}[{key!r}]", value, integer=field == "rank_pattern")
-    refused = [f"{field}={config[field]!r} ({why})" for field, (bad, why) in _REFUSED.items()
-               if field in config and bad(config[field])]
-    if refused:
-        raise AdapterLoadError(f"{path} sets what this import cannot reproduce: "
-                               + "; ".join(refused) + "; the adapter would compute something "
-                               "else here")
 
 
 def _pattern(config: dict, field: str, module: str):
@@ -447,19 +351,6 @@ def _check_hparams(config: dict, path: str, layers, style: str) -> None:
         raise AdapterLoadError(f"{path}: " + "; ".join(problems))
 
 
-def _read_weights(directory: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no adapter weights there")
-    try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own SafetensorError (and others)
-        raise AdapterLoadError(f"{path} cannot be read as safetensors "
-                               f"({type(err).__name__}: {err})") from err
-
-
 def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
                       skip_unmapped: bool = False, moe_style: str = "qwen2_moe") -> None:
     """Load a Hugging Face PEFT LoRA (or DoRA) adapter into ``model``'s LoRA, canonical LoRA or
@@ -484,8 +375,8 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
     moe.check_style(moe_style)
     directory = os.fspath(directory)
     path = os.path.join(directory, ADAPTER_CONFIG)
-    config = _read_config(directory)
-    _check_config(config, path)
+    config = read_config(directory)
+    check_config(config, path)
     layers = _mapped_layers(model, skip_unmapped, "import", AdapterLoadError)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapters on GPT linears; apply LoRA "
@@ -495,7 +386,7 @@ def import_hf_adapter(model: nn.Module, directory: str | os.PathLike, *,
         raise AdapterLoadError(f"{directory}: the file has use_dora={bool(config.get('use_dora'))}"
                                f" but the model's adapters are {'DoRA' if dora else 'LoRA'}")
     _check_hparams(config, path, layers, moe_style)
-    given = {_normalise_key(k): v for k, v in _read_weights(directory).items()}
+    given = {normalise_key(k): v for k, v in read_weights(directory).items()}
 
     # Which file keys each layer needs (a fused layer needs all of its parts).
     plan, needed = [], set()
