@@ -28,6 +28,10 @@ models with any PEFT version, and PEFT >= 0.18 converts them itself to the fused
 transformers 5 fused the experts and PEFT knows the conversion (Mixtral, checked in the tests; for
 Qwen2-MoE, PEFT 0.21 with transformers 5.24 has no conversion and leaves the experts out).
 Expert parallelism must be 1 (gather the experts first): the names use global expert numbers.
+Ranks that differ between modules (``normalize_moe_lora``) are written as ``rank_pattern`` keys
+of the exact per-expert names; PEFT 0.21's Mixtral conversion does not rename those keys to the
+fused layout (its own TODO), so such an export loads into per-expert HF models and back here, not
+into transformers 5's fused Mixtral (PEFT raises a size mismatch there).
 """
 
 from __future__ import annotations
