@@ -91,3 +91,33 @@ def test_te_flags_mean_what_upstreams_mean():
         assert all(inspect.isclass(c) for c in (*utils.TECL, *utils.TERL))
     with pytest.raises(AttributeError, match="no attribute 'TEXL'"):
         utils.TEXL  # noqa: B018
+
+
+def test_lora_gives_te_fused_lora_linear_where_upstream_does(megatron_tp1):
+    """``config.use_transformer_engine_op_fuser`` at TP=1: upstream's TEFusedLoRALinear, which here
+    is a LoRALinear with the same outputs and adapter gradients as the plain one."""
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from torch import nn
+
+    from bridge.peft import LoRA
+    from bridge.peft.lora_layers import LoRALinear, TEFusedLoRALinear
+    from tests.megatron_utils import make_config
+
+    outs = {}
+    for fuser in (False, True):
+        torch.manual_seed(0)
+        config = make_config(hidden_size=16)
+        config.use_transformer_engine_op_fuser = fuser
+        model = nn.Module()
+        model.proj = ColumnParallelLinear(16, 24, config=config, init_method=nn.init.normal_,
+                                          bias=False, gather_output=False)
+        LoRA(target_modules=["proj"], dim=4, lora_B_init_method="xavier",
+             kernel_backend="eager")(model)
+        assert type(model.proj) is (TEFusedLoRALinear if fuser else LoRALinear)
+        x = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(1))
+        y, _ = model.proj(x)
+        y.square().sum().backward()
+        outs[fuser] = (y.detach(), model.proj.adapter.linear_in.weight.grad)
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=0, atol=0)

@@ -15,9 +15,16 @@ from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.base import PEFT, _chunks
 from bridge.peft.expert_adapters import GroupedExpertLinearAdapter, SharedOuterGroupedExpertAdapter
 from bridge.peft.expert_lora_layers import ExpertLoRALinear, is_grouped_linear
-from bridge.peft.lora_layers import LinearAdapter, LoRALinear, LoRATopKRouter, validate_gemm_strategy
+from bridge.peft.lora_layers import (
+    LinearAdapter,
+    LoRALinear,
+    LoRATopKRouter,
+    TEFusedLoRALinear,
+    validate_gemm_strategy,
+)
 from bridge.peft.module_matcher import DEFAULT_TARGETS, ModuleMatcher
 from bridge.peft.parallel_linear_adapter import ParallelLinearAdapter
+from bridge.peft.tp import group_size
 from bridge.peft.utils import (
     align_expert_dim_for_tp,
     get_adapter_attributes_from_linear,
@@ -200,6 +207,10 @@ class LoRA(PEFT, ModuleMatcher):
             return LoRATopKRouter(module, adapter)
         if is_expert or _sharded_without_comm(adapter):
             return ExpertLoRALinear(module, adapter, **wrapper)
+        if getattr(getattr(module, "config", None), "use_transformer_engine_op_fuser", False) \
+                and group_size(tp_group) == 1:
+            # upstream's class for this config (its TE op fuser); here a LoRALinear on our kernels
+            return TEFusedLoRALinear(module, adapter, **wrapper)
         return LoRALinear(module, adapter, **wrapper)
 
 
