@@ -83,9 +83,9 @@ def run(kind, backend, skip_bias_add, **kw):
     base = build(kind, skip_bias_add, **kw)
     model = nn.Module()
     if kind in ("linear", "te-dup", "te-raw"):
-        # nn.Linear: LoRA would make a LinearAdapter; a duplicated TE linear: LoRA gives it to
-        # ExpertLoRALinear (bridge.peft.expert_lora_layers). Wrapped as Megatron-Bridge users
-        # can, with plain factors, to test LoRALinear's fused path over them.
+        # nn.Linear: LoRA would make a LinearAdapter. Wrapped as Megatron-Bridge users can, with
+        # plain factors, to test LoRALinear's fused path over them (LoRA() over the TE bases is
+        # tests/test_expert_lora_te.py's).
         torch.manual_seed(1)
         adapter = ParallelLinearAdapter(K, N, R, activation="identity", alpha=10,
                                         row_init_method="normal",

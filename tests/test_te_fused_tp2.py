@@ -4,7 +4,7 @@ single-process TP=1 eager oracle built from the same seed, for y, the returned b
 gradients of x, A, B (and the norm weights). So fused equals eager equals TP=1 for
 TERowParallelLinear (all-reduce / reduce-scatter), TEColumnParallelLinear (input copied /
 all-gathered), TELayerNormColumnParallelLinear and a duplicated TELinear (under a LoRALinear
-built directly: LoRA() gives bases without TP communication to ExpertLoRALinear).
+built directly with a whole-weight adapter, as LoRA() builds it).
 
 The eager LayerNorm-linear cases under SP are the check of TE's dropped gradient: LoRA must not
 ask the layer for its gathered layernorm output (TE 2.11 drops that output's gradient, and with it
@@ -107,7 +107,7 @@ def run_case(case: Case, tp: int, rank: int) -> dict:
         if case.kind == "lncol":
             base.layer_norm_weight.copy_(norm_w)
             base.layer_norm_bias.copy_(norm_b)
-    if case.kind == "dup":  # LoRA() gives it to ExpertLoRALinear: LoRALinear's path here
+    if case.kind == "dup":  # a LoRALinear with a whole-weight adapter, as LoRA() builds it
         wrapper = LoRALinear(base, ParallelLinearAdapter(
             case.k, case.n, case.r, activation="identity", alpha=ALPHA, row_init_method="normal",
             model_parallel_config=cfg, base_linear_is_parallel=False),
