@@ -143,6 +143,8 @@ class Float8Tensor(QuantizedTensor):
 
 def _fp8_qdq(t: torch.Tensor) -> torch.Tensor:
     """Per-tensor e4m3 quantise-dequantise with a straight-through gradient (TE's fp8 GEMM)."""
+    if t.numel() == 0:  # an expert with no tokens: nothing to quantise (amax of nothing fails)
+        return t
     src = t.detach().float()
     scale = torch.finfo(torch.float8_e4m3fn).max / src.abs().amax().clamp_min(1e-12)
     q = ((src * scale).to(torch.float8_e4m3fn).float() / scale).to(t.dtype)
