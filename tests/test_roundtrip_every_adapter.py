@@ -4,9 +4,9 @@ adapter tensor bit for bit and the same outputs; the keys are upstream's (Megatr
 ``<layer>.adapter.linear_in/linear_out.weight``, DoRA's ``adapter.weight_magnitude``, canonical
 LoRA's ``adapter.adapter_<part>.``, MultiLoRA's ``adapters.<i>.``) and cover every trainable
 tensor. Kinds: LoRA over megatron's Column/Row linears, bridge's LayerNormColumnParallelLinear,
-plain nn.Linear and the TE stand-ins; DoRA; canonical LoRA; LoRATopKRouter and the expert
-adapters of the tiny MoE (SequentialMLP; TE-grouped shared, per-expert and shared-outer);
-MultiLoRA slots."""
+plain nn.Linear and the TE stand-ins (megatron's TE wrappers, and TE's own layers unwrapped);
+DoRA; canonical LoRA; LoRATopKRouter and the expert adapters of the tiny MoE (SequentialMLP;
+TE-grouped shared, per-expert and shared-outer); MultiLoRA slots."""
 
 from __future__ import annotations
 
@@ -49,6 +49,31 @@ def _toy(transform):
     def build(seed):
         torch.manual_seed(seed)
         return transform(Toy())
+
+    def run(model):
+        return model(torch.randn(5, 16, generator=torch.Generator().manual_seed(9)))
+    return build, run
+
+
+class RawTE(nn.Module):
+    """transformer-engine's own layers, unwrapped: LayerNormLinear (returns (out, ln_out) under
+    LoRA) and Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.te_standins import LayerNormLinear, Linear
+
+        self.linear_qkv = LayerNormLinear(16, 24, params_dtype=torch.float32, device="cpu")
+        self.linear_proj = Linear(24, 8, params_dtype=torch.float32, device="cpu")
+
+    def forward(self, x):
+        return self.linear_proj(torch.relu(self.linear_qkv(x)))
+
+
+def _raw_te():
+    def build(seed):
+        torch.manual_seed(seed)
+        return LoRA(target_modules=["linear_qkv", "linear_proj"], dim=R, alpha=ALPHA)(RawTE())
 
     def run(model):
         return model(torch.randn(5, 16, generator=torch.Generator().manual_seed(9)))
@@ -136,6 +161,7 @@ CASES = {
     "lora-nn-linear": (_toy(LoRA(target_modules=["linear_proj", "linear_fc2"], dim=R,
                                  alpha=ALPHA)), LORA_KEYS, {"LoRALinear"}),
     "lora-te-standins": (_gpt(_lora(), spec=_te_spec), LORA_KEYS, {"LoRALinear"}),
+    "lora-te-unwrapped": (_raw_te(), LORA_KEYS, {"LoRALinear"}),
     "dora-megatron": (_gpt(lambda: DoRA(dim=R, alpha=ALPHA)), DORA_KEYS, {"DoRALinear"}),
     "dora-nn-linear": (_toy(DoRA(target_modules=["linear_proj", "linear_fc2"], dim=R,
                                  alpha=ALPHA)), DORA_KEYS, {"DoRALinear"}),
