@@ -119,3 +119,31 @@ def test_unmerge_refuses_a_grouped_expert_weight_changed_after_the_merge():
         fc2.to_wrap.weight3.mul_(2)
     with pytest.raises(MergeError, match=r"experts\.linear_fc2.*changed in place"):
         unmerge_lora(model)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_merged_state_dict_loads_into_an_unmerged_model_unmerged(layout):
+    """A merged model's state_dict (marked lora_merged) loaded strictly into an unmerged model
+    of the same layout: every expert weight gets the adapter subtracted (grouped bases weight by
+    weight), so the model computes what the merged one did, with its adapters on."""
+    import warnings
+
+    from bridge.peft import merge_lora
+
+    merged = _model(layout)
+    ref, before = _logits(merged), _base_weights(merged)
+    merge_lora(merged, keep_base=None)
+    state = merged.state_dict()
+    fresh = _model(layout)  # other base weights and adapters until the load
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(state, strict=True)
+    said = [str(w.message) for w in caught if "saved merged" in str(w.message)]
+    assert said, "no warning that the state dict was saved merged"
+    after = _base_weights(fresh)
+    for n, p in after.items():
+        if n.endswith("_extra_state") or not torch.is_floating_point(p):
+            continue
+        assert_close_rel(p, before[n], TOL, n)  # the base, within the merged weight's rounding
+    assert not any(getattr(m, "_lora_merged", False) for m in _expert_wrappers(fresh).values())
+    assert_close_rel(_logits(fresh), ref, TOL, f"{layout}: loaded-unmerged logits")

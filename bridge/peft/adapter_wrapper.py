@@ -170,6 +170,12 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
                 f"{type(self.adapter).__name__} has no delta_weight(), so it cannot be merged")
         return delta()
 
+    def merge_targets(self) -> list[torch.Tensor]:
+        """The base weights a merge overwrites: ``[to_wrap.weight]`` (a grouped expert base
+        overrides this with its ``weight0 .. weight{E-1}``). ``merged_weight()`` and
+        ``unmerged_weight()`` work on them stacked when there are several."""
+        return [self.to_wrap.weight]
+
     def merged_weight(self) -> torch.Tensor:
         """This rank's base weight shard with the adapter folded in (fp32, detached)."""
         w = acc(self.to_wrap.weight)
@@ -208,6 +214,11 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
         can: the adapter's delta is recomputed from the loaded adapter and subtracted)."""
         return None
 
+    def _merge_target_names(self) -> list[str]:
+        """The names, in the base, of the weights merge_targets() returns."""
+        targets = [id(t) for t in self.merge_targets()]
+        return [n for n, p in self.to_wrap.named_parameters() if id(p) in targets]
+
     def _remap_base_keys(self, state_dict, prefix, local_metadata=None, strict=True,
                          missing_keys=None, unexpected_keys=None, error_msgs=None) -> None:
         """Load-time inverse of :meth:`state_dict`: base keys move under ``to_wrap.``; a merged
@@ -224,8 +235,10 @@ class AdapterWrapper(AdapterSwitch, nn.Module):
                        "merging")
         elif saved_merged is not None and bool(saved_merged):
             problem = self.unmerge_on_load_problem()
-            if problem is None and not ({f"{prefix}weight", f"{prefix}to_wrap.weight"}
-                                        & set(mine) and any(".adapter." in f".{k}" for k in mine)):
+            weights = self._merge_target_names()
+            has_base = any(f"{prefix}{n}" in mine or f"{prefix}to_wrap.{n}" in mine
+                           for n in weights)
+            if problem is None and not (has_base and any(".adapter." in f".{k}" for k in mine)):
                 problem = ("saved merged, but the state dict lacks its base weight or its "
                            "adapter, so the adapter cannot be subtracted from the base")
             if problem is None:
@@ -290,9 +303,13 @@ def _unmerge_after_load(module: AdapterWrapper, incompatible_keys) -> None:
     name = module.__dict__.pop("_unmerge_after_load", None)
     if name is None:
         return
-    weight = module.to_wrap.weight
+    targets = module.merge_targets()
     with torch.no_grad():
-        weight.copy_(module.unmerged_weight(weight))
+        merged = targets[0] if len(targets) == 1 else torch.stack(targets)
+        base = module.unmerged_weight(merged)
+        for weight, part in zip(targets, [base] if len(targets) == 1 else base.unbind(0),
+                                strict=True):
+            weight.copy_(part)
     warnings.warn(
         f"{name}: the state dict was saved merged (merge_lora); the adapter was subtracted from "
         "its base weight on load (this layer is unmerged, adapter on; the base is exact within "

@@ -158,8 +158,7 @@ def _changed(module: AdapterWrapper, fingerprint) -> bool:
 def _targets(module: AdapterWrapper) -> list[torch.Tensor]:
     """The base weights a merge overwrites: the wrapper's ``merge_targets()`` (a grouped expert
     base's ``weight0 .. weight{E-1}``), else the base's one weight."""
-    targets = getattr(module, "merge_targets", None)
-    return list(targets()) if callable(targets) else [module.to_wrap.weight]
+    return list(module.merge_targets())
 
 
 def _per_target(name: str, new: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
