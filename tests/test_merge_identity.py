@@ -10,39 +10,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from bridge.peft import (
     AdapterLoadError,
     AdapterWrapper,
-    CanonicalLoRA,
-    DoRA,
-    LoRA,
     MergeError,
     adapter_state_dict,
     load_adapter_state_dict,
     merge_lora,
     unmerge_lora,
 )
+from tests import test_nothing_lost as nothing_lost
 from tests.numerics import assert_close_rel, dtype_tol
-
-TARGETS = ["linear_proj", "linear_fc2"]
-TRANSFORMS = {"lora": LoRA, "dora": DoRA, "canonical": CanonicalLoRA}
-
-
-class Toy(nn.Module):
-    def __init__(self, dtype) -> None:
-        super().__init__()
-        self.linear_proj = nn.Linear(16, 24, dtype=dtype)
-        self.linear_fc2 = nn.Linear(24, 8, dtype=dtype)
-
-    def forward(self, x):
-        return self.linear_fc2(torch.relu(self.linear_proj(x)))
+from tests.test_nothing_lost import TRANSFORMS
 
 
 def toy(kind: str, dtype, seed: int = 0):
-    torch.manual_seed(seed)
-    return TRANSFORMS[kind](target_modules=TARGETS, dim=4, alpha=8)(Toy(dtype))
+    """test_nothing_lost's two-linear toy model under ``kind`` (dim 4, alpha 8)."""
+    return nothing_lost.toy(kind, seed=seed, dtype=dtype)
 
 
 def gpt(kind: str, seed: int = 0):
