@@ -168,6 +168,9 @@ class GemmChooser:
         self._timer = timer
         self._cache_dir = cache_dir
         self._memory: dict[tuple, Decision] = {}
+        # select()'s per-call memo of settled (fwd, bwd) pairs by raw call shape: skips building
+        # two GemmKeys per call (about 10 us of host time on the CPU); cleared with _memory
+        self._hot: dict[tuple, tuple[str, str]] = {}
         self._provisional: dict[tuple, str] = {}  # untimed fallbacks (tracing, capture)
         self._lock = threading.Lock()
         self._disk_warned = False
@@ -299,6 +302,7 @@ class GemmChooser:
         """Drop the in-memory decisions (the cache file stays)."""
         with self._lock:
             self._memory.clear()
+            self._hot.clear()
             self._provisional.clear()
 
     # ---- the cache file --------------------------------------------------------------------
@@ -425,6 +429,9 @@ def _traced_heuristic(device: str, n: int, k: int) -> str:
     return heuristic(current_arch(torch.device(device)), n, k)
 
 
+_HOT_MAX = 4096  # entries of GemmChooser._hot
+
+
 def _tracing(t: torch.Tensor) -> bool:
     """torch.compile / export tracing: dynamo, or fake/functional tensors (make_fx)."""
     return torch.compiler.is_compiling() or type(t) not in (torch.Tensor, torch.nn.Parameter)
@@ -449,11 +456,18 @@ def select(op: str, requested: str, *, x2d: torch.Tensor, weight: torch.Tensor,
     if m == 0:
         return "fused", "fused"
     variant, c = _variant(seed, p, post), chooser()
+    hot_key = (op, device, x2d.dtype, m, n, k, r, variant, bias is not None, need_bwd, group)
+    hot = c._hot.get(hot_key)
+    if hot is not None:  # the hot path: one dict lookup
+        return hot
     # the bias never enters dX: one backward key for biased and unbiased layers
     key_f = make_key(op, "fwd", device, x2d.dtype, m, n, k, r, variant, bias is not None)
     key_b = make_key(op, "bwd", device, x2d.dtype, m, n, k, r, variant, False)
     fwd, bwd = c.remembered(key_f, group), c.remembered(key_b, group) if need_bwd else "auto"
-    if fwd is not None and bwd is not None:  # the hot path: two dict lookups
+    if fwd is not None and bwd is not None:  # settled: remember the pair for this call shape
+        if len(c._hot) >= _HOT_MAX:  # many distinct M (variable sequence lengths): start over
+            c._hot.clear()
+        c._hot[hot_key] = (fwd, bwd)
         return fwd, bwd
     may_time = not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
     gen = lambda: torch.Generator(device=device).manual_seed(0)  # never the global RNG

@@ -223,6 +223,39 @@ def test_auto_times_forward_and_backward_steps_and_runs_the_winner(clean_env, mo
         {("fwd", "cublas"), ("bwd", "cublas")}
 
 
+def test_settled_choices_are_looked_up_once_per_call_shape(clean_env, monkeypatch):
+    """select()'s hot path: a settled (fwd, bwd) pair is found by the call's raw shape without
+    building keys; another shape, dropout variant or chooser asks again, and forget() (a new
+    decision may follow) clears the memo."""
+    timer = FakeTimer({"fused": 1.0, "cublas": 2.0})
+    x, w, b, a, bb = lora_inputs((6,), 40, 24, 8, torch.float32)
+    args = dict(x2d=x, weight=w, bias=b, lora_a=a, lora_b=bb, scale=0.5, seed=None, p=0.0,
+                post=False, need_bwd=True, dx_dtype={"fused": x.dtype, "cublas": x.dtype})
+    keys = []
+    real = gs.make_key
+    monkeypatch.setattr(gs, "make_key", lambda *k: keys.append(k) or real(*k))
+    with use_chooser(GemmChooser(timer=timer, cache_dir=clean_env)) as c:
+        for strategy in ("fused", "cublas"):  # what each direction settles on
+            c._memory[(real("lora_linear", "fwd", CPU, x.dtype, 6, 24, 40, 8, "none", True),
+                       None)] = gs.Decision(strategy, None, "test")
+            c._memory[(real("lora_linear", "bwd", CPU, x.dtype, 6, 24, 40, 8, "none", False),
+                       None)] = gs.Decision(strategy, None, "test")
+            assert gs.select("lora_linear", "auto", **args) == (strategy, strategy)
+            assert len(keys) == 2
+            assert gs.select("lora_linear", "auto", **args) == (strategy, strategy)
+            assert len(keys) == 2  # the memo: no key built
+            c.forget()
+            keys.clear()
+    assert not timer.calls  # every choice above was settled: nothing timed
+    with use_chooser(GemmChooser(timer=timer, cache_dir=clean_env / "other")):
+        # another chooser makes its own decisions (the injected timer: fused is faster)
+        assert gs.select("lora_linear", "auto", **args) == ("fused", "fused")
+        assert len(keys) == 2 and timer.calls == ["fused", "cublas"] * 2
+        assert gs.select("lora_linear", "auto", **{**args, "p": 0.1,
+                                                   "seed": torch.tensor([1])})[0] == "fused"
+        assert len(keys) == 4  # another dropout variant is another call shape
+
+
 @pytestmark_kernels
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_never_times_inside_torch_compile(clean_env, monkeypatch):
