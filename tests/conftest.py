@@ -69,12 +69,28 @@ def cpu_kernel_device_only(why: str) -> pytest.MarkDecorator:
                               reason=f"CPU/interpreter-only check ({why}); kernels run on CUDA here")
 
 
+class _CPUStream:
+    """torch.cuda.current_stream() on a machine without CUDA: waits are no-ops."""
+
+    def wait_event(self, event) -> None:
+        del event
+
+    def wait_stream(self, stream) -> None:
+        del stream
+
+
+_CPU_STREAM = _CPUStream()
+
+
 def install_megatron_cpu_shims() -> None:
     """Make megatron-core's tensor-parallel code run on the CPU (no-op when CUDA is available)."""
     if torch.cuda.is_available():
         return
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
+    # megatron-core 0.19's DDP asks for the current stream before each gradient reduction (to
+    # wait on CUDA-graph replays); on the CPU there is one stream and nothing to wait for
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
     try:
         from megatron.core.tensor_parallel import random as mrandom
     except ImportError:

@@ -65,7 +65,10 @@ def moe_layer_spec(layout: str):
     sub = spec.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = SPRMSNorm
     if layout == "grouped":
-        sub.mlp.submodules.experts = ModuleSpec(module=TEGroupedMLP, submodules=MLPSubmodules(
+        # the MoE layer's submodules: a ModuleSpec's (megatron-core 0.16-0.18), or the keyword of
+        # the functools.partial builder 0.19 returns instead
+        moe = getattr(sub.mlp, "submodules", None) or sub.mlp.keywords["submodules"]
+        moe.experts = ModuleSpec(module=TEGroupedMLP, submodules=MLPSubmodules(
             linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear))
     elif layout != "sequential":
         raise ValueError(layout)
