@@ -462,7 +462,7 @@ def da_split(m: int, k: int, r: int, block_r: int, device: torch.device) -> tupl
     """(splits, rows per split) of dA's reduction over M: at M=8192, K=4096, r=16 on 132 SMs,
     dA launches 64 K-tiles; 5 splits of 1664 rows give 320 programs (2.4 per SM) instead of 64
     programs that each read all of M. (dS/dB: 64 row tiles at M=8192 likewise get 5 splits of
-    832 columns of N=4096.)"""
+    896 columns of N=4096.)"""
     return fill_split(m, triton.cdiv(k, _DA_NARROWEST_K) * triton.cdiv(r, block_r), device)
 
 
