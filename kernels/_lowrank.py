@@ -179,15 +179,18 @@ if HAS_TRITON:
         # split's tail is masked), which keeps the loop as cheap as the unsplit one's
         m_lo = pid_s * rows_per_split
         rows_here = tl.minimum(M - m_lo, rows_per_split)
+        # the split's first row folded into the base pointers once; rm counts rows within it
+        ds_base = ds_ptr + m_lo.to(tl.int64) * R
+        x_base = x_ptr + m_lo.to(tl.int64) * stride_xm
         for m0 in range(0, rows_here, BLOCK_M):
-            rm = m_lo + m0 + rm0
-            m_ok = rm < M
-            ds_t = tl.load(ds_ptr + rm.to(tl.int64)[None, :] * R + rr[:, None],
+            rm = m0 + rm0
+            m_ok = rm < rows_here
+            ds_t = tl.load(ds_base + rm.to(tl.int64)[None, :] * R + rr[:, None],
                            mask=r_ok[:, None] & m_ok[None, :], other=0.0)
-            x = load_f32(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+            x = load_f32(x_base + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
                          m_ok[:, None] & k_ok[None, :], INTERPRET)
             if PRE_DROPOUT:
-                x = tl.where(keep_mask(seed, rm, rk, K, p), x, tl.zeros_like(x))
+                x = tl.where(keep_mask(seed, m_lo + rm, rk, K, p), x, tl.zeros_like(x))
             acc = tl.dot(dot_operand(ds_t, op_dtype, INTERPRET), x, acc, input_precision=PRECISION)
         if PRE_DROPOUT:
             acc = acc * keep_scale

@@ -46,6 +46,13 @@ def resolve(module_globals: dict, name: str):
     return module_globals[name]
 
 
+def megatron_linears(module_globals: dict) -> tuple[type | None, type | None]:
+    """(ColumnParallelLinear, RowParallelLinear) as the module with these globals names them
+    (None without megatron; a test may patch them there)."""
+    return (resolve(module_globals, "ColumnParallelLinear"),
+            resolve(module_globals, "RowParallelLinear"))
+
+
 def module_getattr(module_name: str, module_globals: dict, name: str):
     """A module's ``__getattr__`` for NAMES."""
     if name in NAMES:

@@ -142,7 +142,8 @@ class _ExpertAdapterBase(nn.Module):
     def _setup(self, in_features, out_features, dim, *, num_local_experts, base_linear_name,
                activation, column_init_method, row_init_method, input_is_parallel, dropout,
                model_parallel_config, alpha, dropout_position, base_linear_is_parallel,
-               pg_collection, tp_group) -> None:
+               pg_collection, tp_group, params_dtype) -> torch.dtype:
+        """The shared part of both grouped adapters' constructors; returns the factors' dtype."""
         from bridge.peft.parallel_linear_adapter import ACTIVATIONS
 
         check_adapter_hparams(dim, alpha, dropout, dropout_position,
@@ -172,6 +173,8 @@ class _ExpertAdapterBase(nn.Module):
         check_explicit_comm_options(base_linear_name, self.tp_size, input_is_parallel, activation,
                                     dropout_position, dropout)
         self._a_init, self._b_init = get_init_fn(column_init_method), get_init_fn(row_init_method)
+        return params_dtype or getattr(model_parallel_config, "params_dtype", None) \
+            or torch.float32
 
     @property
     def scale(self) -> float:
@@ -281,16 +284,15 @@ class GroupedExpertLinearAdapter(_ExpertAdapterBase):
                  params_dtype: torch.dtype | None = None, pg_collection=None,
                  tp_group=None) -> None:
         super().__init__()
-        self._setup(in_features, out_features, dim, num_local_experts=num_local_experts,
-                    base_linear_name=base_linear_name, activation=activation,
-                    column_init_method=column_init_method, row_init_method=row_init_method,
-                    input_is_parallel=input_is_parallel, dropout=dropout,
-                    model_parallel_config=model_parallel_config, alpha=alpha,
-                    dropout_position=dropout_position,
-                    base_linear_is_parallel=base_linear_is_parallel,
-                    pg_collection=pg_collection, tp_group=tp_group)
-        dtype = params_dtype or getattr(model_parallel_config, "params_dtype", None) \
-            or torch.float32
+        dtype = self._setup(in_features, out_features, dim, num_local_experts=num_local_experts,
+                            base_linear_name=base_linear_name, activation=activation,
+                            column_init_method=column_init_method,
+                            row_init_method=row_init_method, input_is_parallel=input_is_parallel,
+                            dropout=dropout, model_parallel_config=model_parallel_config,
+                            alpha=alpha, dropout_position=dropout_position,
+                            base_linear_is_parallel=base_linear_is_parallel,
+                            pg_collection=pg_collection, tp_group=tp_group,
+                            params_dtype=params_dtype)
         # column: A split on r (gathered), B on N; row: A split on K, B on N (gathered)
         a_split = 1 if input_is_parallel else 0
         self._a_tp_dim = 1 + a_split
@@ -362,16 +364,15 @@ class SharedOuterGroupedExpertAdapter(_ExpertAdapterBase):
                  params_dtype: torch.dtype | None = None, pg_collection=None,
                  tp_group=None) -> None:
         super().__init__()
-        self._setup(in_features, out_features, dim, num_local_experts=num_local_experts,
-                    base_linear_name=base_linear_name, activation=activation,
-                    column_init_method=column_init_method, row_init_method=row_init_method,
-                    input_is_parallel=input_is_parallel, dropout=dropout,
-                    model_parallel_config=model_parallel_config, alpha=alpha,
-                    dropout_position=dropout_position,
-                    base_linear_is_parallel=base_linear_is_parallel,
-                    pg_collection=pg_collection, tp_group=tp_group)
-        dtype = params_dtype or getattr(model_parallel_config, "params_dtype", None) \
-            or torch.float32
+        dtype = self._setup(in_features, out_features, dim, num_local_experts=num_local_experts,
+                            base_linear_name=base_linear_name, activation=activation,
+                            column_init_method=column_init_method,
+                            row_init_method=row_init_method, input_is_parallel=input_is_parallel,
+                            dropout=dropout, model_parallel_config=model_parallel_config,
+                            alpha=alpha, dropout_position=dropout_position,
+                            base_linear_is_parallel=base_linear_is_parallel,
+                            pg_collection=pg_collection, tp_group=tp_group,
+                            params_dtype=params_dtype)
         self._is_fc1 = not input_is_parallel
         rank, tp = group_rank(self.tp_group), self.tp_size
         if self._is_fc1:  # A [r/t, K] shared; B [E, N/t, r] per expert

@@ -109,7 +109,7 @@ def _base_kind(base: nn.Module) -> tuple[str | None, str]:
 def expert_constraints(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict
                        ) -> tuple[str | None, list[tuple[bool, str]]]:
     """(kind, the (ok, reason) checks the fused path needs)."""
-    from bridge.peft.fused_forward import quantized_weight, te_constraints
+    from bridge.peft.fused_forward import dtype_constraints, quantized_weight, te_constraints
     from bridge.peft.utils import is_te_module
 
     base, adapter = wrapper.to_wrap, wrapper.adapter
@@ -145,9 +145,7 @@ def expert_constraints(wrapper: nn.Module, x: torch.Tensor, args: tuple, kwargs:
                 "base weight requires grad (the fused path is for a frozen base)"),
                (lora is None or lora.dtype == weights[0].dtype,
                 "lora_dtype differs from the base weight's dtype"),
-               (x.dtype == weights[0].dtype and not torch.is_autocast_enabled(x.device.type),
-                f"input is {x.dtype} and the base weight {weights[0].dtype} (autocast?): the "
-                "fused path runs in one dtype")]
+               *dtype_constraints(weights[0], x)]
     return kind, checks
 
 

@@ -49,9 +49,9 @@ from bridge.kernels.gemm_strategy import ENV_GEMM, requested_gemm
 from bridge.kernels.lora_linear import lora_linear_fused
 from bridge.kernels.norm_lora import norm_lora_linear_fused
 
-__all__ = ["FusedPlan", "base_kind", "call_layout", "forget_fused_plan", "fused_constraints",
-           "fused_lora_forward", "fused_plan", "quantized_weight", "te_constraints",
-           "te_fp8_probe", "training_plan"]
+__all__ = ["FusedPlan", "base_kind", "call_layout", "dtype_constraints", "forget_fused_plan",
+           "fused_constraints", "fused_lora_forward", "fused_plan", "quantized_weight",
+           "representative_input", "te_constraints", "te_fp8_probe", "training_plan"]
 
 # transformer-engine's userbuffers flags (Linear and LayerNormLinear set the *_fprop/*_dgrad and
 # bulk ones; megatron's TE wrappers pass ub_overlap_ag/rs, which TE's GroupedLinear stores).
@@ -293,16 +293,35 @@ def call_layout(base, kind: str, te: bool) -> dict:
     return layout
 
 
+def dtype_constraints(weight, x: torch.Tensor) -> list[tuple[bool, str]]:
+    """The fused paths run in one dtype: x's must be the base ``weight``'s (any weight of a
+    grouped base), with autocast off; nothing to check without a weight tensor."""
+    if not isinstance(weight, torch.Tensor):
+        return []
+    return [(x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type),
+             f"input is {x.dtype} and the base weight {weight.dtype} (autocast?): the fused path "
+             "runs in one dtype")]
+
+
+def representative_input(base) -> torch.Tensor:
+    """One row of input as the base takes it (its weight's dtype and device; a row-parallel
+    base with a whole input gets the full width): what a training plan is made for."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        k, dtype, device = weight.shape[-1], weight.dtype, weight.device
+    else:
+        k, dtype, device = int(getattr(base, "in_features", 1)), torch.get_default_dtype(), None
+    if base_kind(base)[0] == "row" and not getattr(base, "input_is_parallel", True):
+        k *= _tp(base)[1]
+    return torch.empty((1, k), dtype=dtype, device=device)
+
+
 def _make_plan(wrapper, x, args, kwargs, key) -> FusedPlan:
     from bridge.peft.utils import is_te_module
 
     base, adapter = wrapper.to_wrap, wrapper.adapter
     constraints = fused_constraints(wrapper, args, kwargs)
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        constraints.append((x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type),
-                            f"input is {x.dtype} and the base weight {weight.dtype} (autocast?): "
-                            "the fused path runs in one dtype"))
+    constraints += dtype_constraints(getattr(base, "weight", None), x)
     kind, _ = base_kind(base)
     te = kind is not None and is_te_module(base)
     probe = te_fp8_probe(base) if te else None
@@ -367,14 +386,7 @@ def training_plan(wrapper: nn.Module) -> tuple[FusedPlan, str]:
     """
     base, adapter = wrapper.to_wrap, wrapper.adapter
     a, b = _factors(adapter)
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        k, dtype, device = weight.shape[-1], weight.dtype, weight.device
-    else:
-        k, dtype, device = int(getattr(base, "in_features", 1)), torch.get_default_dtype(), None
-    if base_kind(base)[0] == "row" and not getattr(base, "input_is_parallel", True):
-        k *= _tp(base)[1]
-    x = torch.empty((1, k), dtype=dtype, device=device)
+    x = representative_input(base)
     now = _plan_key(wrapper, base, adapter, x, a, b, False, True)
     old = fused_plan(wrapper)
     # key slots: 3 training, 5-7 backend / strategy / environment, 9- base, adapter, tensors

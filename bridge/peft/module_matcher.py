@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from bridge.peft._lazy import module_getattr, resolve
+from bridge.peft._lazy import megatron_linears, module_getattr
 from bridge.peft.adapter_wrapper import AdapterWrapper
 from bridge.peft.errors import PEFTConfigError
 from bridge.peft.utils import is_te_module, wildcard_match
@@ -22,13 +22,6 @@ __all__ = ["DEFAULT_TARGETS", "ModuleMatcher"]
 DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
-def _megatron_linears() -> tuple[type | None, type | None]:
-    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), read
-    from this module's names (resolved on first use by bridge.peft._lazy; patchable here)."""
-    g = globals()
-    return resolve(g, "ColumnParallelLinear"), resolve(g, "RowParallelLinear")
-
-
 def __getattr__(name: str):
     # ColumnParallelLinear, RowParallelLinear, HAVE_TE, TECL, TERL (upstream's module names)
     return module_getattr(__name__, globals(), name)
@@ -36,7 +29,7 @@ def __getattr__(name: str):
 
 def _linear_types() -> tuple[type, ...]:
     """What exclude-mode matching adapts (read at call time from this module's names)."""
-    return tuple(t for t in (*_megatron_linears(), nn.Linear) if t is not None)
+    return tuple(t for t in (*megatron_linears(globals()), nn.Linear) if t is not None)
 
 
 @dataclass

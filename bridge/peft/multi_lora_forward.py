@@ -45,7 +45,14 @@ from bridge.kernels.multi_lora_linear import (
     multi_lora_shrink,
 )
 from bridge.kernels.philox import draw_seed, dropout_keep_mask
-from bridge.peft.fused_forward import base_kind, call_layout, fused_constraints, te_fp8_probe
+from bridge.peft.fused_forward import (
+    base_kind,
+    call_layout,
+    dtype_constraints,
+    fused_constraints,
+    representative_input,
+    te_fp8_probe,
+)
 from bridge.peft.tp import all2all_hp2sp, base_tp_io, group_size
 
 __all__ = ["MultiLoRAPlan", "forget_multi_lora_plan", "multi_lora_forward", "multi_lora_plan",
@@ -121,11 +128,7 @@ def _make_plan(layer, x, args, kwargs, key) -> MultiLoRAPlan:
     base, slot = layer.to_wrap, layer._slot_modules()[0]
     constraints = fused_constraints(types.SimpleNamespace(to_wrap=base, adapter=slot), args,
                                     kwargs)
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        constraints.append((x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type),
-                            f"input is {x.dtype} and the base weight {weight.dtype} (autocast?): "
-                            "the fused path runs in one dtype"))
+    constraints += dtype_constraints(getattr(base, "weight", None), x)
     kind, _ = base_kind(base)
     constraints += [
         (kind != "norm", "the base fuses a norm in front of its GEMM: no fused multi-adapter "
@@ -177,14 +180,7 @@ def training_plan(layer) -> tuple[MultiLoRAPlan, str]:
     anything: its last training call's plan when nothing it depends on changed, else one made
     now for one row of the base weight's dtype and device (not stored)."""
     base = layer.to_wrap
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        k, dtype, device = weight.shape[-1], weight.dtype, weight.device
-    else:
-        k, dtype, device = int(getattr(base, "in_features", 1)), torch.get_default_dtype(), None
-    if base_kind(base)[0] == "row" and not getattr(base, "input_is_parallel", True):
-        k *= _tp(base)[1]
-    x = torch.empty((1, k), dtype=dtype, device=device)
+    x = representative_input(base)
     now = _plan_key(layer, x, False, True)
     old = multi_lora_plan(layer)
     # key slots: 3 training, 5-7 backend / strategy / environment, 9- base, slots, tensors

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from bridge.peft._lazy import module_getattr, resolve
+from bridge.peft._lazy import megatron_linears, module_getattr
 from bridge.peft.adapter_init import (
     init_method_const,
     init_method_kaiming_uniform,
@@ -76,13 +76,6 @@ TE_LAYERNORM_COLUMN = ("TELayerNormColumnParallelLinear", "LayerNormLinear")
 TE_COLUMN = ("TEColumnParallelLinear", "TEColumnParallelGroupedLinear")
 TE_ROW = ("TERowParallelLinear", "TERowParallelGroupedLinear")
 TE_LINEAR = ("TELinear", "Linear")
-
-
-def _megatron_linears() -> tuple[type | None, type | None]:
-    """megatron-core's ColumnParallelLinear / RowParallelLinear (None without megatron), read
-    from this module's names (resolved on first use by bridge.peft._lazy; patchable here)."""
-    g = globals()
-    return resolve(g, "ColumnParallelLinear"), resolve(g, "RowParallelLinear")
 
 
 def __getattr__(name: str):
@@ -278,7 +271,7 @@ def get_adapter_attributes_from_linear(m: nn.Module, is_expert: bool = False,
     if is_te_module(m):
         return _te_attributes(m, attrs, sequence_parallel, is_expert, pg_collection,
                               sequence_parallel_input_regather, probe)
-    ColumnParallelLinear, RowParallelLinear = _megatron_linears()  # noqa: N806
+    ColumnParallelLinear, RowParallelLinear = megatron_linears(globals())  # noqa: N806
     if ColumnParallelLinear and isinstance(m, ColumnParallelLinear):
         return attrs(False, m.input_size, m.output_size)
     if RowParallelLinear and isinstance(m, RowParallelLinear):
